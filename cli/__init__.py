@@ -1,0 +1,306 @@
+"""The ``streamsim`` command: parses arguments, calls the library, prints. No logic of its own.
+
+JAX and the encoder load only inside the commands that need them, so ``--help`` and ``status``
+answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="streamsim",
+    help="Search, de-duplicate and continuously re-index character images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_STORE = "./.streamsim"
+StoreOpt = Annotated[
+    Path,
+    typer.Option("--store", envvar="STREAMSIM_STORE", help="Store folder.", show_default=True),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"streamsim: {message}", err=True)
+    raise typer.Exit(code)
+
+
+class _Errors:
+    """Turn the library's errors into one line on stderr and a non-zero exit, never a traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, (typer.Exit, typer.Abort, SystemExit)):
+            return False
+        if isinstance(exc, KeyboardInterrupt):
+            typer.echo("streamsim: interrupted", err=True)
+            raise typer.Exit(130)
+        if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)):
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            typer.echo(f"streamsim: {msg}", err=True)
+            raise typer.Exit(1)
+        return False
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str))
+
+
+def _open(store: Path, *, create: bool = True):
+    from streamsim.index import Index
+
+    return Index.open(store, create=create)
+
+
+@app.command()
+def add(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively).")],
+    store: StoreOpt = Path(DEFAULT_STORE),
+    as_json: JsonOpt = False,
+) -> None:
+    """Store images. The same bytes under another name are recorded as another path, not stored twice.
+
+    Files that cannot be stored are reported on stderr, one line each, and recorded (see `status`);
+    the rest are stored. Exit status 1 if any input failed.
+    """
+    with _Errors():
+        missing = [p for p in paths if not p.exists()]
+        for p in missing:
+            typer.echo(f"streamsim: {p}: file not found", err=True)
+        present = [p for p in paths if p.exists()]
+        t0 = time.perf_counter()
+
+        def on_file(path: str, outcome: str, image_id):
+            if image_id is None:
+                typer.echo(f"streamsim: {path}: {outcome}", err=True)
+
+        with _open(store) as index:
+            report = index.add_files(present, on_file=on_file)
+            total = len(index)
+        seconds = time.perf_counter() - t0
+        summary = {
+            "added": len(report.added), "duplicates": len(report.duplicates), "failed": len(report.failed) + len(missing),
+            "files": report.files, "images": total, "seconds": round(seconds, 3),
+        }
+        if as_json:
+            _print_json(summary)
+        else:
+            rate = report.files / seconds if seconds > 0 else 0.0
+            typer.echo(
+                f"added {summary['added']}, duplicates {summary['duplicates']}, failed {summary['failed']} "
+                f"({report.files} files in {seconds:.1f}s, {rate:,.0f} files/s); store holds {total} images"
+            )
+        if summary["failed"]:
+            raise typer.Exit(1)
+
+
+@app.command()
+def search(
+    image: Annotated[Path, typer.Argument(help="The query image.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="How many matches.")] = 10,
+    mode: Annotated[str, typer.Option("--mode", help="similar | duplicate | recall")] = "similar",
+    as_json: JsonOpt = False,
+    show: Annotated[Optional[Path], typer.Option("--show", help="Write a PNG of the query and its hits.")] = None,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Find the stored images closest to IMAGE, best first."""
+    with _Errors():
+        from streamsim import images
+
+        query = images.load(image)
+        with _open(store, create=False) as index:
+            matches = index.search_pixels(query.pixels[None], k, mode=mode)[0]
+            if show is not None:
+                hits = [(index.pixels(m.id), f"#{m.id} d={m.distance:.3f}") for m in matches]
+                images.contact_sheet(query.pixels, hits, show)
+        if as_json:
+            _print_json([
+                {"id": m.id, "path": m.path, "distance": m.distance, "encoder_version": m.encoder_version}
+                for m in matches
+            ])
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(matches)} matches for {image} ({mode})")
+        for col in ("rank", "id", "distance", "version", "path"):
+            table.add_column(col, justify="right" if col in ("rank", "id", "distance", "version") else "left")
+        for rank, m in enumerate(matches, 1):
+            table.add_row(str(rank), str(m.id), f"{m.distance:.4f}", str(m.encoder_version), m.path or "(in memory)")
+        Console().print(table)
+        if show is not None:
+            typer.echo(f"wrote {show}")
+
+
+def _status_data(store: Path) -> dict:
+    from streamsim.catalog import Catalog
+    from streamsim.index import CATALOG_FILE
+
+    db = Path(store) / CATALOG_FILE
+    if not db.exists():
+        raise FileNotFoundError(f"{store}: no streamsim store here (create one with `streamsim add`)")
+    cat = Catalog(db, readonly=True)
+    try:
+        return {
+            "store": str(Path(store).absolute()),
+            "images": cat.count_images(),
+            "files": cat.count_paths(),
+            "failed": cat.count_failures(),
+            "active_version": cat.active_version(),
+            "versions": cat.version_rows(),
+        }
+    finally:
+        cat.close()
+
+
+@app.command()
+def status(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
+    """What the store holds (answered from the catalog, without loading the encoder)."""
+    with _Errors():
+        data = _status_data(store)
+        if as_json:
+            _print_json(data)
+            return
+        typer.echo(f"store           {data['store']}")
+        typer.echo(f"images          {data['images']}")
+        typer.echo(f"files           {data['files']}")
+        typer.echo(f"failed          {data['failed']}")
+        typer.echo(f"active version  {data['active_version']}")
+        typer.echo(f"versions        {len(data['versions'])}")
+
+
+@app.command()
+def versions(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
+    """Encoder versions: number, state, parent, reason, created."""
+    with _Errors():
+        rows = _status_data(store)["versions"]
+        if as_json:
+            _print_json(rows)
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="encoder versions")
+        for col in ("version", "state", "parent", "reason", "created", "arch", "images trained on"):
+            table.add_column(col)
+        for v in rows:
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"]))
+            table.add_row(str(v["version"]), v["state"], str(v["parent"] or "-"), v["reason"], created,
+                          str(v.get("arch", "")), str((v.get("training") or {}).get("count", "")))
+        Console().print(table)
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[Path], typer.Argument(help="A folder of images or an .npz with a uint8 `images` array; default: the store's own images.")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make the new version active.")] = True,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="Train a fresh model of this architecture (dense, mlp, conv) instead of fine-tuning the active one.")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Train the next encoder version, re-encode every stored image into its index, activate it."""
+    with _Errors():
+        from streamsim import images
+
+        pixels = images.load_dataset(data) if data is not None else None
+        t0 = time.perf_counter()
+        with _open(store) as index:
+            parent = index.active_version
+            if as_json:
+                version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed)
+            else:
+                from rich.progress import Progress
+
+                with Progress(transient=True) as bar:
+                    task = bar.add_task("training", total=epochs)
+
+                    def progress(epoch, total, metrics):
+                        bar.update(task, completed=epoch, description=f"training (loss {metrics['recon']:.4f})")
+
+                    version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed, progress=progress)
+            meta = index.meta(version)
+            result = {
+                "version": version, "parent": parent, "active_version": index.active_version,
+                "images": len(index), "trained_on": meta["training"]["count"], "epochs": epochs,
+                "final_loss": meta["final_loss"], "duplicate_threshold": meta["duplicate_threshold"],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+        if as_json:
+            _print_json(result)
+        else:
+            typer.echo(
+                f"version {version} trained on {result['trained_on']} images "
+                f"(loss {result['final_loss']:.4f}, {result['seconds']:.1f}s); active version {result['active_version']}"
+            )
+
+
+@app.command()
+def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
+    """Groups of identical files: the same bytes under several paths, or the same pixels."""
+    with _Errors():
+        from streamsim.catalog import Catalog
+        from streamsim.index import CATALOG_FILE
+
+        db = Path(store) / CATALOG_FILE
+        if not db.exists():
+            raise FileNotFoundError(f"{store}: no streamsim store here")
+        cat = Catalog(db, readonly=True)
+        try:
+            groups = cat.identical_file_groups()
+        finally:
+            cat.close()
+        if as_json:
+            _print_json(groups)
+            return
+        for i, g in enumerate(groups, 1):
+            typer.echo(f"group {i}: images {', '.join(map(str, g['ids']))}")
+            for p in g["paths"]:
+                typer.echo(f"  {p}")
+        typer.echo(f"{len(groups)} groups of identical files")
+
+
+@app.command()
+def failed(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
+    """Files that could not be stored, with the reason."""
+    with _Errors():
+        from streamsim.catalog import Catalog
+        from streamsim.index import CATALOG_FILE
+
+        db = Path(store) / CATALOG_FILE
+        if not db.exists():
+            raise FileNotFoundError(f"{store}: no streamsim store here")
+        cat = Catalog(db, readonly=True)
+        try:
+            rows = cat.failures()
+        finally:
+            cat.close()
+        if as_json:
+            _print_json([{"path": r["path"], "reason": r["reason"], "time": r["time"]} for r in rows])
+            return
+        for r in rows:
+            typer.echo(f"{r['path']}: {r['reason']}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The store's SQLite catalog: the source of truth.
+
+It holds every image's normalised pixels (so any index can be rebuilt without the original
+files), the paths each image was stored under, files that could not be stored and why, encoder
+versions and their state, and an event log. It runs in WAL mode so that readers in other
+processes never block the writer, and every multi-row change is one transaction.
+
+This module imports neither JAX nor the encoder: ``streamsim status`` answers from it alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PIXEL_BYTES = 28 * 28
+SCHEMA_VERSION = 1
+VERSION_STATES = ("building", "ready", "active", "retired", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS images(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,      -- never reused: ids are vector keys
+    digest TEXT NOT NULL UNIQUE,               -- sha256 of the input's own bytes
+    pixel_digest TEXT NOT NULL,                -- sha256 of the normalised pixels
+    pixels BLOB NOT NULL,                      -- uint8 [28, 28]
+    path TEXT,                                 -- first path stored under (NULL: in-memory)
+    added REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS images_pixel_digest ON images(pixel_digest);
+CREATE TABLE IF NOT EXISTS paths(
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    added REAL NOT NULL,
+    PRIMARY KEY(path, image_id)
+);
+CREATE INDEX IF NOT EXISTS paths_image ON paths(image_id);
+CREATE TABLE IF NOT EXISTS failures(
+    path TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    time REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions(
+    version INTEGER PRIMARY KEY,
+    state TEXT NOT NULL,
+    parent INTEGER,
+    reason TEXT NOT NULL,
+    created REAL NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS events(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER,
+    image_id INTEGER,
+    path TEXT,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Outcome of storing one image: its id and whether it was new (False: same bytes existed)."""
+
+    id: int
+    new: bool
+
+
+def pixel_digest(pixels: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(pixels, np.uint8).tobytes()).hexdigest()
+
+
+class Catalog:
+    """A connection to one store's catalog. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        if readonly:
+            if not self.path.exists():
+                raise FileNotFoundError(f"{self.path}: no catalog here")
+            uri = f"file:{self.path}?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=60, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=60000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.row_factory = sqlite3.Row
+        if not readonly:
+            with self.transaction() as db:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
+                )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def transaction(self):
+        return _Transaction(self)
+
+    def _query(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(args)).fetchall()
+
+    # -- images -------------------------------------------------------------------------------
+
+    def add_images(self, records: list[tuple[str, np.ndarray, str | None]]) -> list[Stored]:
+        """Store ``(digest, pixels, path)`` records in one transaction.
+
+        A digest already stored (or repeated within the batch) returns the existing id with
+        ``new=False`` and records ``path`` as another path of that image.
+        """
+        now = time.time()
+        out: list[Stored] = []
+        with self.transaction() as db:
+            for digest, pixels, path in records:
+                px = np.ascontiguousarray(pixels, np.uint8)
+                if px.shape != (28, 28):
+                    raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
+                row = db.execute("SELECT id FROM images WHERE digest = ?", (digest,)).fetchone()
+                if row is not None:
+                    image_id, new = int(row[0]), False
+                else:
+                    cur = db.execute(
+                        "INSERT INTO images(digest, pixel_digest, pixels, path, added) VALUES(?, ?, ?, ?, ?)",
+                        (digest, pixel_digest(px), px.tobytes(), path, now),
+                    )
+                    image_id, new = int(cur.lastrowid), True
+                if path is not None:
+                    db.execute(
+                        "INSERT OR IGNORE INTO paths(image_id, path, added) VALUES(?, ?, ?)", (image_id, path, now)
+                    )
+                    db.execute("DELETE FROM failures WHERE path = ?", (path,))
+                out.append(Stored(image_id, new))
+        return out
+
+    def find_digest(self, digest: str) -> int | None:
+        rows = self._query("SELECT id FROM images WHERE digest = ?", (digest,))
+        return int(rows[0][0]) if rows else None
+
+    def find_pixels(self, pixels: np.ndarray) -> list[int]:
+        """Ids of stored images whose normalised pixels are exactly these."""
+        rows = self._query("SELECT id FROM images WHERE pixel_digest = ? ORDER BY id", (pixel_digest(pixels),))
+        return [int(r[0]) for r in rows]
+
+    def remove(self, image_id: int) -> bool:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM images WHERE id = ?", (int(image_id),))
+            return cur.rowcount > 0
+
+    def get(self, image_id: int) -> dict[str, Any] | None:
+        rows = self._query("SELECT id, path, added, digest FROM images WHERE id = ?", (int(image_id),))
+        if not rows:
+            return None
+        r = rows[0]
+        paths = [p[0] for p in self._query("SELECT path FROM paths WHERE image_id = ? ORDER BY added, path", (r["id"],))]
+        return {"id": int(r["id"]), "path": r["path"], "paths": paths, "added": r["added"], "digest": r["digest"]}
+
+    def first_paths(self, ids: Iterable[int]) -> dict[int, str | None]:
+        ids = [int(i) for i in ids]
+        out: dict[int, str | None] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT id, path FROM images WHERE id IN ({marks})", chunk):
+                out[int(r[0])] = r[1]
+        return out
+
+    def pixels(self, ids: Iterable[int]) -> np.ndarray:
+        """Pixels ``uint8 [N, 28, 28]`` for the given ids, in that order (KeyError for a missing id)."""
+        ids = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT id, pixels FROM images WHERE id IN ({marks})", chunk):
+                found[int(r[0])] = r[1]
+        missing = [i for i in ids if i not in found]
+        if missing:
+            raise KeyError(f"no stored image with id {missing[0]}")
+        buf = b"".join(found[i] for i in ids)
+        return np.frombuffer(buf, np.uint8).reshape(len(ids), 28, 28).copy()
+
+    def iter_pixels(self, *, batch: int = 4096, after: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Every stored image as ``(ids int64 [n], pixels uint8 [n, 28, 28])`` batches, by id."""
+        last = after
+        while True:
+            rows = self._query("SELECT id, pixels FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch))
+            if not rows:
+                return
+            ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
+            px = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(len(rows), 28, 28).copy()
+            yield ids, px
+            last = int(ids[-1])
+
+    def ids(self) -> np.ndarray:
+        rows = self._query("SELECT id FROM images ORDER BY id")
+        return np.fromiter((r[0] for r in rows), np.int64, len(rows))
+
+    def count_images(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM images")[0][0])
+
+    def count_paths(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM paths")[0][0])
+
+    def identical_groups(self) -> list[list[int]]:
+        """Groups (size ≥ 2) of images whose normalised pixels are identical."""
+        rows = self._query(
+            "SELECT group_concat(id) FROM images GROUP BY pixel_digest HAVING COUNT(*) > 1 ORDER BY MIN(id)"
+        )
+        return [sorted(int(x) for x in r[0].split(",")) for r in rows]
+
+    def identical_file_groups(self) -> list[dict[str, Any]]:
+        """Groups of identical files: one image stored under several paths, or several images whose
+        normalised pixels are identical. Each group: ``{"ids": [...], "paths": [...]}``."""
+        groups: dict[str, set[int]] = {}
+        for r in self._query(
+            "SELECT pixel_digest, group_concat(id) FROM images GROUP BY pixel_digest "
+            "HAVING COUNT(*) > 1 OR (SELECT COUNT(*) FROM paths WHERE image_id = MIN(images.id)) > 1"
+        ):
+            groups[r[0]] = {int(x) for x in r[1].split(",")}
+        for r in self._query("SELECT i.pixel_digest, p.image_id FROM paths p JOIN images i ON i.id = p.image_id "
+                             "GROUP BY p.image_id HAVING COUNT(*) > 1"):
+            groups.setdefault(r[0], set()).add(int(r[1]))
+        out = []
+        for ids in groups.values():
+            ids_sorted = sorted(ids)
+            marks = ",".join("?" * len(ids_sorted))
+            paths = [p[0] for p in self._query(f"SELECT path FROM paths WHERE image_id IN ({marks}) ORDER BY image_id, path", ids_sorted)]
+            if len(ids_sorted) > 1 or len(paths) > 1:
+                out.append({"ids": ids_sorted, "paths": paths})
+        return sorted(out, key=lambda g: g["ids"][0])
+
+    def alias_groups(self) -> list[dict[str, Any]]:
+        """Images stored under more than one path: identical files."""
+        rows = self._query(
+            "SELECT image_id, group_concat(path, char(10)) FROM paths GROUP BY image_id HAVING COUNT(*) > 1 ORDER BY image_id"
+        )
+        return [{"id": int(r[0]), "paths": sorted(r[1].split("\n"))} for r in rows]
+
+    # -- failures ----------------------------------------------------------------------------
+
+    def record_failure(self, path: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO failures(path, reason, time) VALUES(?, ?, ?) "
+                "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, time = excluded.time",
+                (path, reason, time.time()),
+            )
+
+    def failures(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT path, reason, time FROM failures ORDER BY time, path")]
+
+    def count_failures(self) -> int:
+        return int(self._query("SELECT COUNT(*) FROM failures")[0][0])
+
+    # -- versions ----------------------------------------------------------------------------
+
+    def versions(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self._query("SELECT version, state, parent, reason, created, meta FROM versions ORDER BY version"):
+            d = dict(r)
+            d["meta"] = json.loads(d["meta"])
+            out.append(d)
+        return out
+
+    def version_rows(self) -> list[dict[str, Any]]:
+        """Versions flattened for people and JSON: ``version``, ``state``, ``parent``, ``reason``,
+        ``created`` and the summary recorded with the version (architecture, training, thresholds)."""
+        out = []
+        for v in self.versions():
+            meta = v.pop("meta")
+            out.append({**meta, **v})
+        return out
+
+    def version(self, version: int) -> dict[str, Any] | None:
+        for v in self.versions():
+            if v["version"] == int(version):
+                return v
+        return None
+
+    def next_version(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(version), 0) + 1 FROM versions")[0][0])
+
+    def add_version(self, version: int, *, state: str, parent: int | None, reason: str, meta: dict) -> None:
+        if state not in VERSION_STATES:
+            raise ValueError(f"unknown version state {state!r}")
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO versions(version, state, parent, reason, created, meta) VALUES(?, ?, ?, ?, ?, ?)",
+                (int(version), state, parent, reason, time.time(), json.dumps(meta, sort_keys=True)),
+            )
+            db.execute(
+                "INSERT INTO events(time, kind, version, detail) VALUES(?, 'version_created', ?, ?)",
+                (time.time(), int(version), json.dumps({"reason": reason, "parent": parent})),
+            )
+
+    def set_version_state(self, version: int, state: str) -> None:
+        if state not in VERSION_STATES:
+            raise ValueError(f"unknown version state {state!r}")
+        with self.transaction() as db:
+            db.execute("UPDATE versions SET state = ? WHERE version = ?", (state, int(version)))
+
+    def update_version_meta(self, version: int, **fields: Any) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT meta FROM versions WHERE version = ?", (int(version),)).fetchone()
+            meta = json.loads(row[0]) if row else {}
+            meta.update(fields)
+            db.execute("UPDATE versions SET meta = ? WHERE version = ?", (json.dumps(meta, sort_keys=True), int(version)))
+
+    def active_version(self) -> int | None:
+        rows = self._query("SELECT version FROM versions WHERE state = 'active'")
+        return int(rows[0][0]) if rows else None
+
+    def activate(self, version: int, *, kind: str = "activated", detail: dict | None = None) -> None:
+        """Make ``version`` the active one, in one transaction (the previous one becomes ``ready``)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM versions WHERE version = ?", (int(version),)).fetchone()
+            if row is None:
+                raise ValueError(f"no encoder version {version}; see `streamsim versions`")
+            db.execute("UPDATE versions SET state = 'ready' WHERE state = 'active'")
+            db.execute("UPDATE versions SET state = 'active' WHERE version = ?", (int(version),))
+            db.execute(
+                "INSERT INTO events(time, kind, version, detail) VALUES(?, ?, ?, ?)",
+                (time.time(), kind, int(version), json.dumps(detail or {})),
+            )
+
+    # -- events ------------------------------------------------------------------------------
+
+    def add_event(self, kind: str, *, version: int | None = None, image_id: int | None = None,
+                  path: str | None = None, detail: dict | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events(time, kind, version, image_id, path, detail) VALUES(?, ?, ?, ?, ?, ?)",
+                (time.time(), kind, version, image_id, path, json.dumps(detail or {})),
+            )
+
+    def events(self) -> list[dict[str, Any]]:
+        out = []
+        for r in self._query("SELECT time, kind, version, image_id, path, detail FROM events ORDER BY id"):
+            d = dict(r)
+            d["detail"] = json.loads(d["detail"])
+            out.append(d)
+        return out
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+
+
+class _Transaction:
+    """``with catalog.transaction() as db:`` — BEGIN IMMEDIATE … COMMIT, ROLLBACK on error."""
+
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.catalog._lock.acquire()
+        try:
+            self.catalog._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.catalog._lock.release()
+            raise
+        return self.catalog._db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.catalog._db.execute("COMMIT")
+            else:
+                self.catalog._db.execute("ROLLBACK")
+        finally:
+            self.catalog._lock.release()

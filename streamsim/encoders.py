@@ -1,0 +1,158 @@
+"""Versioned encoder checkpoints on orbax: save, load, list, metadata.
+
+A store keeps one folder per encoder version under ``<store>/encoders/``::
+
+    encoders/v0001/state/       orbax checkpoint of ``nnx.state(model)``
+    encoders/v0001/meta.json    architecture, config, parent, training summary, losses,
+                                reference reconstruction-error statistics, time
+
+``meta.json`` is written last, atomically, after orbax has finished: a folder without it is an
+unfinished save and is never loaded (it is removed by :func:`discard_incomplete`). Version 1 of
+every store is a copy of the encoder shipped inside the package (``streamsim/checkpoints/v1``).
+
+Numbers are never reused: the catalog hands them out, and this module refuses to overwrite a
+finished version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+META = "meta.json"
+STATE = "state"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, unfinished or does not match its metadata."""
+
+
+def version_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / f"v{int(version):04d}"
+
+
+def shipped_dir() -> Path:
+    """The folder of the default encoder shipped inside the package."""
+    return Path(str(resources.files("streamsim.checkpoints") / "v1"))
+
+
+def is_complete(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / META).is_file() and (d / STATE).is_dir()
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    d = Path(directory)
+    try:
+        return json.loads((d / META).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{d}: no {META}; the checkpoint is missing or unfinished") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{d / META}: unreadable metadata ({e})") from None
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save(model, directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Save ``nnx.state(model)`` with orbax, wait for it to finish, then write ``meta.json``.
+
+    ``meta`` must name ``arch`` and ``config``. Refuses to overwrite a finished checkpoint.
+    """
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    d = Path(directory).absolute()
+    if is_complete(d):
+        raise CheckpointError(f"{d}: a finished checkpoint is already there; versions are never reused")
+    for key in ("arch", "config"):
+        if key not in meta:
+            raise CheckpointError(f"checkpoint metadata needs {key!r}")
+    if d.exists():
+        shutil.rmtree(d)  # an unfinished earlier attempt at this same version
+    d.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(d / STATE, nnx.state(model))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    _write_json_atomic(d / META, meta)
+    return d
+
+
+def load(directory: str | Path):
+    """Load a finished checkpoint; returns ``(model, meta)``."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from . import model as M
+
+    d = Path(directory).absolute()
+    meta = read_meta(d)
+    if not (d / STATE).is_dir():
+        raise CheckpointError(f"{d}: no {STATE}/ folder; the checkpoint is incomplete")
+    abstract = M.abstract(meta["arch"], meta["config"])
+    graphdef, abstract_state = nnx.split(abstract)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        state = checkpointer.restore(d / STATE, abstract_state)
+    except Exception as e:  # orbax raises many types; say which checkpoint failed and why
+        raise CheckpointError(f"{d}: cannot restore encoder ({type(e).__name__}: {e})") from None
+    finally:
+        checkpointer.close()
+    return nnx.merge(graphdef, state), meta
+
+
+def copy_shipped(root: str | Path, version: int = 1) -> Path:
+    """Copy the shipped default encoder into ``root`` as ``version`` (atomic: copy, then rename)."""
+    src = shipped_dir()
+    if not is_complete(src):
+        raise CheckpointError(f"{src}: the shipped encoder is missing from this installation")
+    dst = version_dir(root, version)
+    if is_complete(dst):
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".copying")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.md", "__pycache__", "*.py"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    return dst
+
+
+def list_versions(root: str | Path) -> list[int]:
+    """Finished versions found on disk, ascending."""
+    out = []
+    for d in Path(root).glob("v[0-9]*"):
+        if d.is_dir() and d.name[1:].isdigit() and is_complete(d):
+            out.append(int(d.name[1:]))
+    return sorted(out)
+
+
+def discard_incomplete(root: str | Path) -> list[Path]:
+    """Remove unfinished checkpoint folders (no ``meta.json``) and orbax temporaries."""
+    removed = []
+    for d in Path(root).glob("*"):
+        if d.is_dir() and not is_complete(d):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def remove(root: str | Path, version: int) -> None:
+    """Delete a version's checkpoint (retention). The caller decides what may be deleted."""
+    shutil.rmtree(version_dir(root, version), ignore_errors=True)

@@ -1,0 +1,551 @@
+"""``Index``: the public facade over a store — add, search (three modes), versions, training.
+
+A store is a folder::
+
+    catalog.sqlite          the source of truth (images, pixels, paths, versions, events)
+    encoders/v0001/         orbax checkpoint + meta.json of each encoder version
+    vectors/v0001.usearch   the vectors of each version, keyed by image id
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> glyph = np.zeros((28, 28), np.uint8); glyph[6:22, 12:16] = 255
+    >>> with tempfile.TemporaryDirectory() as d, Index.open(d) as index:
+    ...     i = index.add(glyph)
+    ...     [m.id for m in index.search(glyph, k=1)] == [i]
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import encoders, images
+from .catalog import Catalog
+
+MODES = ("similar", "duplicate", "recall")
+UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
+CATALOG_FILE = "catalog.sqlite"
+SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
+RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
+
+
+class StoreError(ValueError):
+    """The store cannot be opened or used as asked."""
+
+
+@dataclass(frozen=True)
+class Match:
+    """One search hit. ``distance`` is the cosine distance between codes (smaller is closer)."""
+
+    id: int
+    path: str | None
+    distance: float
+    encoder_version: int
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What :meth:`Index.add_files` did: new images, files that were already stored, failures."""
+
+    added: list[int]
+    duplicates: list[int]
+    failed: list[tuple[str, str]]  # (path, reason)
+
+    @property
+    def files(self) -> int:
+        return len(self.added) + len(self.duplicates) + len(self.failed)
+
+
+def _is_batch_array(images_: Any) -> bool:
+    return isinstance(images_, np.ndarray) and images_.ndim == 3 and images_.dtype == np.uint8 and images_.shape[-1] not in (1, 3, 4)
+
+
+class Index:
+    """A searchable store of character images. Open with :meth:`Index.open`."""
+
+    def __init__(self, root: Path, catalog: Catalog):
+        self.root = root
+        self.catalog = catalog
+        self._lock = threading.RLock()
+        self._encoders: dict[int, Any] = {}
+        self._metas: dict[int, dict] = {}
+        self._vectors = None
+        self._vectors_version: int | None = None
+        self._last_save = time.monotonic()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, create: bool = True) -> "Index":
+        """Open the store at ``path``; with ``create`` (the default) make it if missing.
+
+        A new store gets the shipped encoder as version 1. Opening reconciles the active vectors
+        with the catalog: images the catalog holds but the vectors miss are encoded and added.
+        """
+        root = Path(path).expanduser().absolute()
+        db = root / CATALOG_FILE
+        if not db.exists():
+            if not create:
+                raise StoreError(f"{root}: no streamsim store here (create it with `streamsim add` or create=True)")
+            if root.exists() and not root.is_dir():
+                raise StoreError(f"{root}: exists and is not a folder")
+        index = cls(root, Catalog(db))
+        try:
+            index._bootstrap()
+            index._reconcile()
+        except BaseException:
+            index.catalog.close()
+            raise
+        return index
+
+    def _bootstrap(self) -> None:
+        enc_root = self.root / "encoders"
+        enc_root.mkdir(parents=True, exist_ok=True)
+        (self.root / "vectors").mkdir(exist_ok=True)
+        if self.catalog.active_version() is not None:
+            return
+        with self._lock:
+            if not self.catalog.versions():
+                d = encoders.copy_shipped(enc_root, 1)
+                meta = encoders.read_meta(d)
+                self.catalog.add_version(1, state="ready", parent=None, reason="shipped", meta=_summary(meta))
+            ready = [v["version"] for v in self.catalog.versions() if v["state"] in ("ready", "active")]
+            if not ready:
+                raise StoreError(f"{self.root}: no usable encoder version; see `streamsim versions`")
+            self.catalog.activate(max(ready))
+
+    def _reconcile(self) -> None:
+        """Bring the active version's vectors in line with the catalog (after a crash, say)."""
+        v = self.active_version
+        vectors = self._vectors_for(v)
+        stored = self.catalog.ids()
+        have = vectors.keys().astype(np.int64)
+        extra = np.setdiff1d(have, stored)
+        if len(extra):
+            vectors.remove(extra)
+        missing = np.setdiff1d(stored, have)
+        if len(missing):
+            enc = self.encoder(v)
+            for start in range(0, len(missing), 4096):
+                ids = missing[start : start + 4096]
+                vectors.add(ids, enc(self.catalog.pixels(ids)))
+        if vectors.dirty:
+            vectors.save()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Write pending vectors and close the catalog."""
+        with self._lock:
+            if self._vectors is not None and self._vectors.dirty:
+                self._vectors.save()
+            self.catalog.close()
+
+    def __enter__(self) -> "Index":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def flush(self) -> None:
+        """Write the active vectors now (they are also written on close and every few seconds)."""
+        with self._lock:
+            if self._vectors is not None and self._vectors.dirty:
+                self._vectors.save()
+            self._last_save = time.monotonic()
+
+    def _maybe_save(self) -> None:
+        if time.monotonic() - self._last_save >= SAVE_INTERVAL_S:
+            self.flush()
+
+    @property
+    def active_version(self) -> int:
+        v = self.catalog.active_version()
+        if v is None:
+            raise StoreError(f"{self.root}: no active encoder version")
+        return v
+
+    def versions(self) -> list[dict[str, Any]]:
+        """Every encoder version: ``version``, ``state``, ``parent``, ``reason``, ``created``, summary."""
+        return self.catalog.version_rows()
+
+    def meta(self, version: int) -> dict[str, Any]:
+        if version not in self._metas:
+            self._metas[version] = encoders.read_meta(encoders.version_dir(self.root / "encoders", version))
+        return self._metas[version]
+
+    def encoder(self, version: int | None = None):
+        """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
+        from .model import Encoder
+
+        version = self.active_version if version is None else int(version)
+        with self._lock:
+            if version not in self._encoders:
+                model, meta = encoders.load(encoders.version_dir(self.root / "encoders", version))
+                self._metas[version] = meta
+                self._encoders[version] = Encoder(model)
+            return self._encoders[version]
+
+    def _vectors_path(self, version: int) -> Path:
+        return self.root / "vectors" / f"v{version:04d}.usearch"
+
+    def _vectors_for(self, version: int):
+        from .vectors import Vectors
+
+        with self._lock:
+            if self._vectors_version != version:
+                if self._vectors is not None and self._vectors.dirty:
+                    self._vectors.save()
+                self._vectors = Vectors.open(self._vectors_path(version), self.encoder(version).dim)
+                self._vectors_version = version
+            return self._vectors
+
+    # -- adding -------------------------------------------------------------------------------
+
+    def add(self, image: Any) -> int:
+        """Store one image; returns its id (the existing id if the same bytes are stored already)."""
+        return self.add_many([image])[0]
+
+    def add_many(self, images_: Iterable[Any] | np.ndarray) -> list[int]:
+        """Store several images; returns their ids in order. Raises :class:`ImageError` on bad input
+        before anything of the batch is stored."""
+        items = list(images_) if not _is_batch_array(images_) else list(images_)
+        loaded = [images.load(x) for x in items]
+        return [s.id for s in self._store(loaded)]
+
+    def add_files(self, paths: Iterable[str | os.PathLike], *, recursive: bool = True, batch: int = 512,
+                  on_file: Callable[[str, str, int | None], None] | None = None) -> IngestReport:
+        """Store image files and folders (walked recursively), recording files that fail.
+
+        ``on_file(path, outcome, id)`` is called for each file with ``outcome`` one of ``"added"``,
+        ``"duplicate"`` or the failure reason (id ``None``).
+        """
+        added: list[int] = []
+        dups: list[int] = []
+        failed: list[tuple[str, str]] = []
+        pending: list[images.Loaded] = []
+
+        def flush_pending():
+            for item, stored in zip(pending, self._store(pending)):
+                (added if stored.new else dups).append(stored.id)
+                if on_file:
+                    on_file(item.path or item.source, "added" if stored.new else "duplicate", stored.id)
+            pending.clear()
+
+        for path in images.iter_image_files(paths, recursive=recursive):
+            try:
+                pending.append(images.load(path))
+            except images.ImageError as e:
+                where = str(Path(path).absolute())
+                failed.append((where, e.reason))
+                self.catalog.record_failure(where, e.reason)
+                if on_file:
+                    on_file(where, e.reason, None)
+            if len(pending) >= batch:
+                flush_pending()
+        if pending:
+            flush_pending()
+        return IngestReport(added, dups, failed)
+
+    def _store(self, loaded: Sequence[images.Loaded]):
+        if not loaded:
+            return []
+        with self._lock:
+            stored = self.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded])
+            new_ids, new_px, seen = [], [], set()
+            for s, x in zip(stored, loaded):
+                if s.new and s.id not in seen:
+                    seen.add(s.id)
+                    new_ids.append(s.id)
+                    new_px.append(x.pixels)
+            if new_ids:
+                v = self.active_version
+                self._vectors_for(v).add(np.asarray(new_ids, np.int64), self.encoder(v)(np.stack(new_px)))
+                self._maybe_save()
+            return stored
+
+    def remove(self, image_id: int) -> bool:
+        """Delete an image (its pixels, paths and vectors). Returns False if there was none."""
+        with self._lock:
+            gone = self.catalog.remove(int(image_id))
+            if gone:
+                self._vectors_for(self.active_version).remove(np.asarray([int(image_id)], np.int64))
+                self._maybe_save()
+            return gone
+
+    def get(self, image_id: int) -> dict[str, Any] | None:
+        """``{"id", "path", "paths", "added", "digest"}`` for a stored image, or ``None``."""
+        return self.catalog.get(int(image_id))
+
+    def pixels(self, image_id: int) -> np.ndarray:
+        return self.catalog.pixels([int(image_id)])[0]
+
+    def __len__(self) -> int:
+        return self.catalog.count_images()
+
+    # -- searching ----------------------------------------------------------------------------
+
+    def search(self, image: Any, k: int = 10, *, mode: str = "similar") -> list[Match]:
+        """The ``k`` stored images closest to ``image``, best first.
+
+        ``mode``: ``"similar"`` (top-k by distance), ``"duplicate"`` (identical pixels, then copies
+        within the version's calibrated duplicate threshold; may be empty) or ``"recall"`` (several
+        corrected variants of the query searched with a wider pool, lists fused).
+        """
+        return self.search_many([image], k, mode=mode)[0]
+
+    def search_many(self, images_: Iterable[Any] | np.ndarray, k: int = 10, *, mode: str = "similar") -> list[list[Match]]:
+        if mode not in MODES:
+            raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
+        if int(k) < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        items = list(images_)
+        pixels = np.stack([images.load(x).pixels for x in items]) if items else np.zeros((0, 28, 28), np.uint8)
+        return self.search_pixels(pixels, int(k), mode=mode)
+
+    def search_pixels(self, pixels: np.ndarray, k: int = 10, *, mode: str = "similar") -> list[list[Match]]:
+        """Search with already-normalised pixels ``uint8 [N, 28, 28]``."""
+        if mode not in MODES:
+            raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
+        if len(pixels) == 0:
+            return []
+        with self._lock:
+            v = self.active_version
+            enc = self.encoder(v)
+            vectors = self._vectors_for(v)
+            if mode == "similar":
+                keys, dist = vectors.search(enc(pixels), k)
+                hits = [list(zip(keys[i], dist[i])) for i in range(len(pixels))]
+            elif mode == "duplicate":
+                hits = self._duplicate_hits(pixels, k, enc, vectors, v)
+            else:
+                hits = self._recall_hits(pixels, k, enc, vectors)
+        return self._matches(hits, v)
+
+    def _duplicate_hits(self, pixels, k, enc, vectors, version):
+        threshold = float(self.meta(version).get("duplicate_threshold", 0.0))
+        pool = max(k, 32)
+        keys, dist = vectors.search(enc(pixels), pool)
+        out = []
+        for i, px in enumerate(pixels):
+            exact = self.catalog.find_pixels(px)
+            row = [(key, 0.0) for key in exact]
+            seen = set(exact)
+            for key, d in zip(keys[i], dist[i]):
+                if key >= 0 and key not in seen and d <= threshold:
+                    row.append((key, float(d)))
+                    seen.add(key)
+            out.append(row[:k])
+        return out
+
+    def _recall_hits(self, pixels, k, enc, vectors):
+        variants = _query_variants(pixels)  # [V, N, 28, 28]
+        n_var = variants.shape[0]
+        codes = enc(variants.reshape(-1, 28, 28))
+        keys, dist = vectors.search(codes, k * RECALL_POOL)
+        keys = keys.reshape(n_var, len(pixels), -1)
+        dist = dist.reshape(n_var, len(pixels), -1)
+        out = []
+        for i in range(len(pixels)):
+            best: dict[int, float] = {}
+            for vi in range(n_var):
+                for key, d in zip(keys[vi, i], dist[vi, i]):
+                    if key >= 0 and d < best.get(int(key), np.inf):
+                        best[int(key)] = float(d)
+            out.append(sorted(best.items(), key=lambda kv: kv[1])[:k])
+        return out
+
+    def _matches(self, hits, version) -> list[list[Match]]:
+        ids = {int(key) for row in hits for key, _ in row if key >= 0}
+        paths = self.catalog.first_paths(ids)
+        return [
+            [Match(int(key), paths.get(int(key)), float(d), version) for key, d in row if key >= 0 and int(key) in paths]
+            for row in hits
+        ]
+
+    def duplicate_groups(self) -> list[list[int]]:
+        """Groups (size ≥ 2) of stored images that are copies of each other in ``duplicate`` mode."""
+        with self._lock:
+            v = self.active_version
+            threshold = float(self.meta(v).get("duplicate_threshold", 0.0))
+            vectors = self._vectors_for(v)
+            enc = self.encoder(v)
+            parent: dict[int, int] = {}
+
+            def find(a):
+                while parent.get(a, a) != a:
+                    parent[a] = parent.get(parent[a], parent[a])
+                    a = parent[a]
+                return a
+
+            def union(a, b):
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+
+            for group in self.catalog.identical_groups():
+                for other in group[1:]:
+                    union(group[0], other)
+            for ids, px in self.catalog.iter_pixels():
+                keys, dist = vectors.search(enc(px), 8)
+                for i, key_row in enumerate(keys):
+                    for key, d in zip(key_row, dist[i]):
+                        if key >= 0 and int(key) != int(ids[i]) and d <= threshold:
+                            union(int(ids[i]), int(key))
+            groups: dict[int, list[int]] = {}
+            for a in list(parent):
+                groups.setdefault(find(a), []).append(a)
+            return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def train(self, pixels: np.ndarray | None = None, *, epochs: int = 10, activate: bool = True,
+              reason: str = "manual", arch: str | None = None, seed: int = 0,
+              progress: Callable[[int, int, dict], None] | None = None) -> int:
+        """Train the next encoder version and build its index; returns the new version number.
+
+        Fine-tunes from the active encoder on ``pixels`` (default: every stored image); with
+        ``arch`` a fresh model of that architecture is trained instead. The new version's vectors
+        are built from the catalog's pixels, then (with ``activate``) it becomes active.
+        """
+        from . import train as T
+        from .calibrate import calibrate
+        from .model import Encoder, build
+
+        if pixels is None:
+            pixels = np.concatenate([px for _, px in self.catalog.iter_pixels()] or [np.zeros((0, 28, 28), np.uint8)])
+        pixels = np.asarray(pixels, np.uint8)
+        if len(pixels) == 0:
+            raise StoreError("nothing to train on: the data (or the store) holds no images")
+        parent = self.active_version
+        with self._lock:
+            version = self.catalog.next_version()
+            self.catalog.add_version(version, state="building", parent=parent, reason=reason, meta={})
+        try:
+            if arch is None:
+                model = _clone_model(self.encoder(parent))
+                parent_meta = self.meta(parent)
+                arch_name, config = parent_meta["arch"], parent_meta["config"]
+            else:
+                from .model import DEFAULT_CONFIGS
+                arch_name, config = arch, dict(DEFAULT_CONFIGS.get(arch, {}))
+                model = build(arch_name, config, seed=seed)
+            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=float(self.meta(parent).get("train", {}).get("invariance", 0.0)) if arch is None else 0.0)
+            model, history = T.fit(model, pixels, cfg, progress=progress)
+            enc = Encoder(model)
+            meta = build_meta(enc, arch_name, config, pixels, history, cfg, parent=parent, version=version, reason=reason, seed=seed)
+            encoders.save(model, encoders.version_dir(self.root / "encoders", version), meta)
+            self._metas[version] = meta
+            self._encoders[version] = enc
+            self._build_vectors(version)
+            with self._lock:
+                self._build_vectors(version)  # catch up images added during the build
+                self.catalog.update_version_meta(version, **_summary(meta))
+                self.catalog.set_version_state(version, "ready")
+                if activate:
+                    self._switch(version, kind="activated")
+        except BaseException:
+            self.catalog.set_version_state(version, "failed")
+            raise
+        return version
+
+    def _build_vectors(self, version: int) -> None:
+        from .vectors import Vectors
+
+        enc = self.encoder(version)
+        path = self._vectors_path(version)
+        vectors = self._vectors if self._vectors_version == version else Vectors.open(path, enc.dim)
+        have = vectors.keys().astype(np.int64)
+        for ids, px in self.catalog.iter_pixels():
+            todo = ~np.isin(ids, have)
+            if todo.any():
+                vectors.add(ids[todo], enc(px[todo]))
+        extra = np.setdiff1d(have, self.catalog.ids())
+        if len(extra):
+            vectors.remove(extra)
+        if vectors.dirty or not path.exists():
+            vectors.dirty = True
+            vectors.save()
+
+    def _switch(self, version: int, *, kind: str) -> None:
+        with self._lock:
+            self._build_vectors(version)
+            if self._vectors is not None and self._vectors.dirty:
+                self._vectors.save()
+            self.catalog.activate(version, kind=kind)
+            self._vectors_for(version)
+
+    def rollback(self, version: int) -> None:
+        """Make ``version`` (encoder and index together) active again; its index is rebuilt from
+        the catalog's pixels if missing and caught up with images added since."""
+        version = int(version)
+        info = self.catalog.version(version)
+        if info is None:
+            raise StoreError(f"no encoder version {version}; see `streamsim versions`")
+        if not encoders.is_complete(encoders.version_dir(self.root / "encoders", version)):
+            raise StoreError(f"encoder version {version} has no usable checkpoint (state {info['state']})")
+        self._switch(version, kind="rollback")
+
+
+def _summary(meta: dict[str, Any]) -> dict[str, Any]:
+    keys = ("arch", "config", "training", "duplicate_threshold", "final_loss", "version_of")
+    return {k: meta[k] for k in keys if k in meta}
+
+
+def _clone_model(enc) -> Any:
+    from flax import nnx
+
+    import jax
+
+    return nnx.merge(enc.graphdef, jax.tree.map(lambda a: a.copy(), enc.state))
+
+
+def build_meta(enc, arch: str, config: dict, pixels: np.ndarray, history: dict, cfg, *, parent: int | None,
+               version: int | None, reason: str, seed: int) -> dict[str, Any]:
+    """The metadata recorded with a trained encoder (architecture, data, losses, calibration)."""
+    import hashlib
+
+    from .calibrate import calibrate
+
+    cal = calibrate(enc, pixels, seed=seed)
+    return {
+        "arch": arch,
+        "config": config,
+        "code_dim": enc.dim,
+        "parent": parent,
+        "version_of": version,
+        "reason": reason,
+        "created": time.time(),
+        "training": {
+            "count": int(len(pixels)),
+            "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+            "epochs": cfg.epochs,
+            "seed": seed,
+        },
+        "train": cfg.to_dict(),
+        "losses": {k: [round(float(x), 6) for x in v] for k, v in history.items()},
+        "final_loss": round(float(history["recon"][-1]), 6) if history.get("recon") else None,
+        **cal,
+    }
+
+
+def _query_variants(pixels: np.ndarray) -> np.ndarray:
+    """The query plus small corrected variants: ±1 px shifts, thickened and thinned strokes."""
+    x = pixels.astype(np.int16)
+    out = [x]
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+        out.append(np.roll(x, (dy, dx), axis=(1, 2)))
+    pad = np.pad(x, ((0, 0), (1, 1), (1, 1)))
+    stack = np.stack([pad[:, 1 + dy : 29 + dy, 1 + dx : 29 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)])
+    out.append((x + stack.max(axis=0)) // 2)
+    out.append((x + stack.min(axis=0)) // 2)
+    return np.stack(out).clip(0, 255).astype(np.uint8)

@@ -1,0 +1,90 @@
+"""One shared suite that every encoder architecture must pass."""
+
+import numpy as np
+import pytest
+
+from streamsim import encoders
+from streamsim import model as M
+from streamsim import train as T
+
+
+@pytest.fixture(scope="module")
+def glyphs():
+    rng = np.random.default_rng(0)
+    x = np.zeros((64, 28, 28), np.uint8)
+    for i in range(64):
+        r, c = rng.integers(4, 12, 2)
+        h, w = rng.integers(6, 14, 2)
+        x[i, r : r + h, c : c + w] = 255
+    return x
+
+
+@pytest.mark.parametrize("arch", M.ARCHITECTURES)
+def test_shapes_and_error(arch, glyphs):
+    model = M.build(arch, seed=0)
+    enc = M.Encoder(model)
+    z = enc(glyphs)
+    assert z.shape == (64, enc.dim) and z.dtype == np.float32
+    assert enc(glyphs[0]).shape == (enc.dim,)
+    z2, err = enc.encode_with_error(glyphs)
+    np.testing.assert_allclose(z, z2, rtol=1e-5, atol=1e-5)
+    assert err.shape == (64,) and np.all(err > 0)
+    rec = enc.reconstruct(glyphs[:3])
+    assert rec.shape == (3, 28, 28) and rec.dtype == np.uint8
+
+
+@pytest.mark.parametrize("arch", M.ARCHITECTURES)
+def test_padding_does_not_change_codes(arch, glyphs):
+    enc = M.Encoder(M.build(arch, seed=1))
+    one_by_one = np.stack([enc(g) for g in glyphs[:5]])
+    np.testing.assert_allclose(one_by_one, enc(glyphs[:5]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", M.ARCHITECTURES)
+def test_training_lowers_error_and_is_reproducible(arch, glyphs):
+    cfg = T.TrainConfig(epochs=3, batch_size=16, learning_rate=3e-3, seed=3)
+    before = M.Encoder(M.build(arch, seed=0)).encode_with_error(glyphs)[1].mean()
+    m1, h1 = T.fit(M.build(arch, seed=0), glyphs, cfg)
+    m2, h2 = T.fit(M.build(arch, seed=0), glyphs, cfg)
+    after = M.Encoder(m1).encode_with_error(glyphs)[1].mean()
+    assert after < before
+    assert h1["loss"] == h2["loss"]
+    np.testing.assert_array_equal(M.Encoder(m1)(glyphs), M.Encoder(m2)(glyphs))
+
+
+@pytest.mark.parametrize("arch", M.ARCHITECTURES)
+def test_checkpoint_round_trip(arch, glyphs, tmp_path):
+    model = M.build(arch, seed=2)
+    encoders.save(model, tmp_path / "v0002", {"arch": arch, "config": M.DEFAULT_CONFIGS[arch]})
+    assert encoders.list_versions(tmp_path) == [2]
+    loaded, meta = encoders.load(tmp_path / "v0002")
+    assert meta["arch"] == arch
+    np.testing.assert_array_equal(M.Encoder(model)(glyphs), M.Encoder(loaded)(glyphs))
+    with pytest.raises(encoders.CheckpointError):
+        encoders.save(model, tmp_path / "v0002", {"arch": arch, "config": {}})
+
+
+def test_unfinished_checkpoint_is_not_loaded(tmp_path):
+    (tmp_path / "v0003" / "state").mkdir(parents=True)
+    assert encoders.list_versions(tmp_path) == []
+    with pytest.raises(encoders.CheckpointError, match="meta.json"):
+        encoders.load(tmp_path / "v0003")
+    encoders.discard_incomplete(tmp_path)
+    assert not (tmp_path / "v0003").exists()
+
+
+def test_corruptions_stay_in_range_and_differ_by_key(glyphs):
+    import jax
+
+    x = glyphs.astype(np.float32) / 255
+    a = np.asarray(T.corrupt(jax.random.key(0), x))
+    b = np.asarray(T.corrupt(jax.random.key(1), x))
+    again = np.asarray(T.corrupt(jax.random.key(0), x))
+    assert a.min() >= 0 and a.max() <= 1
+    np.testing.assert_array_equal(a, again)
+    assert np.abs(a - b).mean() > 0.01
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        M.build("transformer")
