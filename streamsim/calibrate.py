@@ -60,6 +60,18 @@ def error_stats(errors: np.ndarray) -> dict[str, float]:
     }
 
 
+def balanced_threshold(copy_dist: np.ndarray, distinct_dist: np.ndarray) -> float:
+    """The distance that minimises (copies beyond it) + (distinct images within it), as fractions."""
+    copy_dist = np.sort(np.asarray(copy_dist, np.float64))
+    if len(distinct_dist) == 0:
+        return float(np.quantile(copy_dist, COPY_QUANTILE))
+    distinct_dist = np.sort(np.asarray(distinct_dist, np.float64))
+    candidates = np.concatenate([copy_dist, distinct_dist])
+    missed = 1.0 - np.searchsorted(copy_dist, candidates, side="right") / len(copy_dist)
+    within = np.searchsorted(distinct_dist, candidates, side="right") / len(distinct_dist)
+    return float(candidates[np.argmin(missed + within)])
+
+
 def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: int = 2000) -> dict[str, Any]:
     """Reference error statistics and the duplicate threshold for ``encoder`` on ``pixels``."""
     rng = np.random.default_rng(seed)
@@ -85,14 +97,18 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     nn_dist = np.asarray(nn_dist)
     copy_q = float(np.quantile(copy_dist, COPY_QUANTILE))
     distinct_q = float(np.quantile(nn_dist, DISTINCT_QUANTILE)) if len(nn_dist) else copy_q
+    threshold = balanced_threshold(copy_dist, nn_dist)
     return {
         "reference": {
             "error": error_stats(errors),
             "error_per_ink": error_stats(errors / np.maximum(ink, 1e-3)),
             "ink": error_stats(ink),
         },
-        "duplicate_threshold": min(copy_q, distinct_q),
+        "duplicate_threshold": threshold,
         "duplicate_calibration": {
+            "rule": "minimise missed copies + distinct images within the threshold (equal weight)",
+            "copy_recall": float(np.mean(copy_dist <= threshold)),
+            "distinct_within": float(np.mean(nn_dist <= threshold)) if len(nn_dist) else 0.0,
             "copy_distance_q99": copy_q, "distinct_nn_distance_q02": distinct_q,
             "copy_distance_median": float(np.median(copy_dist)),
             "distinct_nn_distance_median": float(np.median(nn_dist)) if len(nn_dist) else None,

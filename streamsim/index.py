@@ -510,13 +510,16 @@ def _clone_model(enc) -> Any:
 
 
 def build_meta(enc, arch: str, config: dict, pixels: np.ndarray, history: dict, cfg, *, parent: int | None,
-               version: int | None, reason: str, seed: int) -> dict[str, Any]:
-    """The metadata recorded with a trained encoder (architecture, data, losses, calibration)."""
+               version: int | None, reason: str, seed: int, calibration: np.ndarray | None = None) -> dict[str, Any]:
+    """The metadata recorded with a trained encoder (architecture, data, losses, calibration).
+
+    ``calibration`` (default: the training pixels) is the sample the duplicate threshold and the
+    reference error statistics are computed on."""
     import hashlib
 
     from .calibrate import calibrate
 
-    cal = calibrate(enc, pixels, seed=seed)
+    cal = calibrate(enc, pixels if calibration is None else calibration, seed=seed)
     return {
         "arch": arch,
         "config": config,

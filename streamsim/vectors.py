@@ -28,24 +28,28 @@ __all__ = [
     "MAX_KEY",
 ]
 
-# --- Tuning, measured with bench/bench_vectors.py on a 2-core x86 CPU (AVX2, usearch 2.26.6),
-# 64-d non-negative vectors from a mixture of 50 gaussian clusters passed through ReLU (the shape of
-# our encoder codes; within-cluster spread 1.0, i.e. overlapping clusters — a conservative case).
+# --- Tuning, measured with bench/bench_vectors.py on a 2-core x86 CPU (AVX2, usearch 2.26.6, a
+# shared machine, so +-30% on timings), 64-d non-negative vectors from a mixture of 50 gaussian
+# clusters (centres N(0,1)) passed through ReLU — the shape of our encoder's codes.  "spread" is the
+# within-cluster std: 1.0 (overlapping clusters) is our reference; 1.5 is nearly structureless.
 #
-# Exact search costs one distance per stored vector.  Single-query p50: 10k -> 0.4 ms,
-# 20k -> 0.8 ms, 50k -> 3.0 ms, 100k -> 6.7-7.4 ms.  Up to EXACT_SEARCH_MAX live vectors we search
-# exactly (recall 1.0, under 1 ms); above it the HNSW graph answers.  The graph is always built, so
-# crossing the threshold costs nothing.
+# Exact search costs one distance per stored vector.  Single-query p50: 10k -> 0.46 ms,
+# 20k -> 0.85 ms, 50k -> 2.9 ms, 100k -> 6.1-7.4 ms.  Up to EXACT_SEARCH_MAX live vectors we search
+# exactly (recall 1.0, under 1 ms); above it the HNSW graph answers (0.5 ms at 50k).  The graph is
+# always built, so crossing the threshold costs nothing.
 EXACT_SEARCH_MAX = 20_000
 
-# HNSW.  USearch defaults are connectivity 16, expansion_add 128, expansion_search 64.  At 100k
-# vectors, recall@10 vs exact (spread 1.0 / spread 1.5 = nearly structureless):
-#   M=16, ef_add=128, ef=64  -> 0.988 / 0.915      M=32, ef_add=64, ef=64  -> 0.987 / 0.970
-#   M=32, ef_add=64, ef=128  -> 0.996 / 0.992      M=32, ef_add=64, ef=256 -> 0.999 / 0.998
-# with single-query p50 0.4 / 1.0 / 1.4 ms for ef 64 / 128 / 256 (spread 1.0, M=32).  Doubling
-# ef_add to 128 bought ~0.001 recall for ~2-3x build time, so we keep 64 and spend the budget at
-# query time instead.  ef=192 sits between the measured 128 and 256 points: recall >= 0.995 on
-# every data set we tried at <= 100k, p50 ~1.2 ms (bench table in the module's bench script).
+# HNSW.  USearch defaults are connectivity 16, expansion_add 128, expansion_search 64.  Recall@10
+# vs exact at 100k (spread 1.0 / spread 1.5), one bulk add:
+#   M=16, ef_add=128, ef=64 / 128 / 256 -> (spread 0.5: 0.991 / 0.999 / 1.0)  0.915 / 0.970 / 0.991
+#   M=32, ef_add=64,  ef=64 / 128 / 256 -> 0.987 / 0.996 / 0.999   and  0.948 / 0.982 / 0.994
+#   M=32, ef_add=128, ef=64 / 128 / 256 -> 0.992 / 0.998 / 0.999   and  0.970 / 0.992 / 0.998
+# single-query p50 ~0.5 / 1.1 / 1.5-2.4 ms for ef 64 / 128 / 256.  ef_add=128 took 2-3x longer to
+# build (59-69 s vs 23-38 s at 100k) — that cost is paid on every re-encode after drift — so we
+# keep ef_add=64 and spend the budget at query time.  With ef=192 (streamed adds of 1000):
+# spread 1.0 -> recall 0.996, p50 0.8 ms, build 19 s at 100k; spread 1.5 -> 0.991, 1.5 ms;
+# 128-d spread 1.0 -> 0.995, 1.4 ms.  Raise Vectors.expansion_search (measure_recall() tells)
+# if a store's own codes are less clustered than this.
 CONNECTIVITY = 32
 EXPANSION_ADD = 64
 EXPANSION_SEARCH = 192
@@ -111,12 +115,13 @@ class Vectors:
         ndim = _check_ndim(ndim)
         self.path = Path(path)
         self.ndim = ndim
-        self._expansion_search = int(expansion_search or EXPANSION_SEARCH)
+        self._expansion_search = EXPANSION_SEARCH if expansion_search is None else int(expansion_search)
         if self._expansion_search < 1:
             raise ValueError(f"expansion_search must be >= 1, got {expansion_search}")
         self._lock = threading.RLock()
         self._index = self._new_index()
         self._signature: tuple[int, int, int, int] | None = None
+        self._generation = 0  # bumped by every change of contents; lets compact() build unlocked
         # dirty = changed since the last load/save.  A new index is clean: an object that never
         # added anything must not overwrite a file another process wrote meanwhile.
         self.dirty = False
@@ -130,9 +135,10 @@ class Vectors:
         type differ from ``ndim``/cosine/f32.
         """
         self = cls(path, ndim, expansion_search=expansion_search)
-        with self._lock:
-            if self.path.exists():
-                self._load()
+        if self.path.exists():
+            index, signature = self._read_file()
+            with self._lock:
+                self._swap(index, signature)
         return self
 
     def _new_index(self) -> Index:
@@ -145,10 +151,10 @@ class Vectors:
             expansion_search=self._expansion_search,
         )
 
-    def _load(self) -> None:
-        """Read the file once (through one descriptor, so its bytes and its signature agree even if
-        a writer replaces it meanwhile), validate its header, and swap it in.  Caller holds the lock.
-        """
+    def _read_file(self) -> tuple[Index, tuple[int, int, int, int]]:
+        """Read and validate the file without touching this object (so the lock need not be held
+        while a large file loads).  One descriptor serves both the bytes and the signature, so they
+        agree even if a writer replaces the file meanwhile."""
         with open(self.path, "rb") as f:
             signature = _file_signature(os.fstat(f.fileno()))
             data = f.read()
@@ -162,7 +168,7 @@ class Vectors:
         if dims != self.ndim:
             raise ValueError(
                 f"{self.path} holds {dims}-d vectors but {self.ndim}-d were asked for: it belongs to a "
-                "different encoder; open it with ndim={dims} or delete it to rebuild from the catalog"
+                f"different encoder; open it with ndim={dims} or delete it to rebuild from the catalog"
             )
         if meta["kind_metric"] != MetricKind.Cos:
             raise ValueError(
@@ -179,8 +185,13 @@ class Vectors:
         # Neither expansion setting is stored in the file; connectivity is (when non-empty).
         index.expansion_add = EXPANSION_ADD
         index.expansion_search = self._expansion_search
+        return index, signature
+
+    def _swap(self, index: Index, signature) -> None:
+        """Caller holds the lock."""
         self._index = index
         self._signature = signature
+        self._generation += 1
         self.dirty = False
 
     # ------------------------------------------------------------------ reading
@@ -215,9 +226,7 @@ class Vectors:
     def keys(self) -> np.ndarray:
         """int64 array of the live keys (in USearch's order, not sorted)."""
         with self._lock:
-            if len(self._index) == 0:
-                return np.zeros(0, dtype=np.int64)
-            return np.asarray(self._index.keys[:], dtype=np.uint64).astype(np.int64)
+            return self._live_keys_u64().astype(np.int64)
 
     def contains(self, keys) -> np.ndarray:
         """bool [N]: which keys are present.  Keys outside the valid range are simply absent."""
@@ -302,7 +311,7 @@ class Vectors:
             if live == 0:
                 return 1.0
             rng = np.random.default_rng(seed)
-            all_keys = np.asarray(self._index.keys[:], dtype=np.uint64)
+            all_keys = self._live_keys_u64()
             pick = all_keys[rng.choice(live, size=min(sample, live), replace=False)]
             q = self._get_rows(pick)
             want = min(k, live)
@@ -334,6 +343,7 @@ class Vectors:
         k64 = keys.astype(np.uint64)
         with self._lock:
             self.dirty = True
+            self._generation += 1
             present = np.asarray(self._index.contains(k64), dtype=bool)
             if present.any():
                 self._index.remove(k64[present])
@@ -350,31 +360,63 @@ class Vectors:
             if not present.any():
                 return 0
             self.dirty = True
+            self._generation += 1
             removed = self._index.remove(keys[present])
             return int(np.sum(removed))
 
     def compact(self) -> None:
-        """Rebuild the index from the live vectors, dropping tombstones (marks dirty)."""
+        """Rebuild the index from the live vectors, dropping tombstones (marks dirty).
+
+        The new graph is built without holding the lock, so searches (and adds) go on meanwhile;
+        if the contents changed during the build, it is redone under the lock."""
+        for attempt in range(2):
+            with self._lock:
+                generation = self._generation
+                live_keys = self._live_keys_u64()
+                vecs = self._get_rows(live_keys)
+            if attempt == 0:
+                index = self._build(live_keys, vecs)
+                with self._lock:
+                    if self._generation == generation:
+                        self._install_compacted(index)
+                        return
+            else:  # a writer raced the unlocked build: rebuild holding the lock
+                with self._lock:
+                    live_keys = self._live_keys_u64()
+                    self._install_compacted(self._build(live_keys, self._get_rows(live_keys)))
+                    return
+
+    def _live_keys_u64(self) -> np.ndarray:
+        if len(self._index) == 0:
+            return np.zeros(0, dtype=np.uint64)
+        return np.asarray(self._index.keys[:], dtype=np.uint64)
+
+    def _build(self, keys_u64: np.ndarray, vecs: np.ndarray) -> Index:
+        index = self._new_index()
+        if len(keys_u64):
+            index.add(keys_u64, vecs)
+        return index
+
+    def _install_compacted(self, index: Index) -> None:
+        self._index = index
+        self._generation += 1
+        self.dirty = True
+
+    def _needs_compaction(self) -> bool:
         with self._lock:
-            live_keys = np.asarray(self._index.keys[:], dtype=np.uint64) if len(self._index) else np.zeros(0, np.uint64)
-            vecs = self._get_rows(live_keys)
-            index = self._new_index()
-            if len(live_keys):
-                index.add(live_keys, vecs)
-            self._index = index
-            self.dirty = True
+            nodes = int(self._index.stats.nodes)
+            return nodes > 0 and (nodes - len(self._index)) > COMPACT_FRACTION * nodes
 
     def save(self) -> None:
         """Atomically write the index to ``path`` (temp file in the same folder, fsync, os.replace,
         fsync the folder; creates the folder).  No-op when not dirty and the file exists (a new,
         untouched index is written once, empty).  Compacts first when tombstones exceed
         COMPACT_FRACTION of all slots.  One writer per file: saves from two objects overwrite."""
+        if self.dirty and self._needs_compaction():
+            self.compact()
         with self._lock:
             if not self.dirty and self.path.exists():
                 return
-            nodes = int(self._index.stats.nodes)
-            if nodes and (nodes - len(self._index)) > COMPACT_FRACTION * nodes:
-                self.compact()
             folder = self.path.parent
             folder.mkdir(parents=True, exist_ok=True)
             tmp = folder / f"{self.path.name}.tmp-{os.getpid()}"
@@ -416,16 +458,22 @@ class Vectors:
 
     def reload_if_changed(self) -> bool:
         """For readers in another process: if the file's inode/size/mtime differ from what this
-        object last loaded or saved, load it again and return True.  An object with unsaved
+        object last loaded or saved, load it again and return True.  The file is read without
+        holding the lock (searches go on) and swapped in at the end.  An object with unsaved
         changes (dirty) is never reloaded — that would discard them — and returns False."""
+        try:
+            signature = _file_signature(os.stat(self.path))
+        except FileNotFoundError:
+            return False
         with self._lock:
-            try:
-                signature = _file_signature(os.stat(self.path))
-            except FileNotFoundError:
-                return False
             if signature == self._signature or self.dirty:
                 return False
-            self._load()
+            generation = self._generation
+        index, signature = self._read_file()
+        with self._lock:
+            if self.dirty or self._generation != generation:
+                return False
+            self._swap(index, signature)
             return True
 
 

@@ -191,6 +191,17 @@ def test_dim_mismatch_on_open(filled):
     assert str(v.path) in msg and "64" in msg and "32" in msg
 
 
+def test_metric_mismatch_on_open(tmp_path):
+    from usearch.index import Index
+
+    p = tmp_path / "l2.usearch"
+    other = Index(ndim=DIM, metric="l2sq", dtype="f32")
+    other.add(np.arange(3, dtype=np.uint64), np.ones((3, DIM), np.float32))
+    other.save(str(p))
+    with pytest.raises(ValueError, match="L2sq"):
+        Vectors.open(p, DIM)
+
+
 def test_not_an_index_file(tmp_path):
     p = tmp_path / "junk.usearch"
     p.write_bytes(b"not an index at all" * 10)
@@ -338,3 +349,22 @@ def test_recall_at_10_on_clustered_codes(tmp_path, monkeypatch):
     recall = np.mean([len(set(found[i]) & set(truth[i])) / 10 for i in range(len(queries))])
     assert recall >= 0.99, f"recall@10 = {recall:.4f}"
     assert v.measure_recall(k=10, sample=100) >= 0.99
+
+
+def test_compact_redoes_build_when_a_writer_raced(filled, monkeypatch):
+    v, keys, x = filled
+    v.remove(keys[:1000])
+    real_build = Vectors._build
+    calls: list[int] = []
+
+    def racing_build(self, k, vecs):
+        index = real_build(self, k, vecs)
+        if not calls:  # the first, unlocked build: a writer adds meanwhile
+            calls.append(1)
+            self.add([123_456_789], x[:1])
+        return index
+
+    monkeypatch.setattr(Vectors, "_build", racing_build)
+    v.compact()
+    assert v.contains([123_456_789])[0]
+    assert v.tombstones == 0 and len(v) == len(keys) - 1000 + 1
