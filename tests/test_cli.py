@@ -93,10 +93,11 @@ def test_train_npz_and_no_activate(tmp_path, digits):
     assert res.exit_code != 0 and "bad.npz" in res.stderr
 
 
-def test_help_is_instant_and_imports_no_jax():
+def test_help_is_instant_and_imports_no_jax(tmp_path):
     code = "import sys; from streamsim.cli import app; import streamsim.catalog; print('jax' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # run outside the source tree so the installed package is what gets imported
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == "False"
     exe = Path(sys.executable).parent / "streamsim"  # the installed console script
-    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "search" in res.stdout

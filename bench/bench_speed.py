@@ -1,0 +1,137 @@
+"""Speed of the shipped pipeline on this machine (CPU unless JAX sees an accelerator).
+
+    python bench/bench_speed.py [--stored 100000] [--files 10000] [--json] [--skip-cli]
+
+Reports: batched and one-at-a-time encode (images/s); ``Index.search`` of one in-memory image with
+N stored (p50/p95 ms) and recall@10 of the vector index against exact search over the same
+vectors; ``streamsim search`` from a cold start (s); ``streamsim add`` of a folder of PNGs (files/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from data import mnist_raw  # noqa: E402
+
+
+def distinct_digits(n: int, seed: int = 0) -> np.ndarray:
+    """n distinct uint8 digit images: the 5,000 real digits, each copy lightly noised."""
+    tr, _, te, _ = mnist_raw()
+    base = np.concatenate([tr, te])
+    rng = np.random.default_rng(seed)
+    pick = base[rng.integers(0, len(base), n)].astype(np.int16)
+    noise = rng.integers(-12, 13, pick.shape, dtype=np.int16) * (pick > 0)
+    return np.clip(pick + noise, 0, 255).astype(np.uint8)
+
+
+def bench_encode(enc, pixels):
+    enc(pixels[:4096])
+    t = time.perf_counter()
+    enc(pixels)
+    batched = len(pixels) / (time.perf_counter() - t)
+    enc(pixels[0])
+    n = 5000
+    t = time.perf_counter()
+    for i in range(n):
+        enc(pixels[i])
+    single = n / (time.perf_counter() - t)
+    return batched, single
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--stored", type=int, default=100_000)
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--skip-cli", action="store_true")
+    args = ap.parse_args(argv)
+
+    import jax
+
+    from streamsim import Index, images
+
+    out = {"machine": f"{platform.machine()} {os.cpu_count()} cores, jax {jax.__version__} on {jax.devices()[0].platform}"}
+    raw = distinct_digits(args.stored)
+    pixels = np.stack([images.normalise(x) for x in raw[: min(len(raw), 100_000)]])
+    tmp = Path(tempfile.mkdtemp(prefix="streamsim-bench-"))
+    try:
+        with Index.open(tmp / "store") as index:
+            enc = index.encoder()
+            big = np.tile(pixels, (max(1, 200_000 // len(pixels)), 1, 1))
+            out["encode_batched_per_s"], out["encode_single_per_s"] = bench_encode(enc, big)
+
+            t = time.perf_counter()
+            for s in range(0, len(raw), 10_000):
+                index.add_many(raw[s : s + 10_000])
+            index.flush()
+            out["add_many_per_s"] = len(raw) / (time.perf_counter() - t)
+            out["stored"] = len(index)
+
+            queries = distinct_digits(500, seed=99)
+            index.search(queries[0])
+            lat = []
+            for q in queries:
+                t = time.perf_counter()
+                index.search(q, k=10)
+                lat.append((time.perf_counter() - t) * 1000)
+            out["search_p50_ms"] = float(np.percentile(lat, 50))
+            out["search_p95_ms"] = float(np.percentile(lat, 95))
+
+            vectors = index._vectors_for(index.active_version)
+            qp = np.stack([images.normalise(q) for q in queries])
+            codes = enc(qp)
+            got, _ = vectors.search(codes, 10)
+            allkeys = vectors.keys().astype(np.int64)
+            allvecs = vectors.get(allkeys)
+            u = allvecs / np.linalg.norm(allvecs, axis=1, keepdims=True)
+            qu = codes / np.linalg.norm(codes, axis=1, keepdims=True)
+            exact = allkeys[np.argsort(-(qu @ u.T), axis=1)[:, :10]]
+            out["recall_at_10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)]))
+
+        if not args.skip_cli:
+            exe = str(Path(sys.executable).parent / "streamsim")
+            folder = tmp / "files"
+            folder.mkdir()
+            from PIL import Image
+
+            for i, a in enumerate(distinct_digits(args.files, seed=5)):
+                Image.fromarray(a).save(folder / f"f{i:05d}.png")
+            env = {**os.environ}
+            t = time.perf_counter()
+            subprocess.run([exe, "add", str(folder), "--store", str(tmp / "cli"), "--json"], check=True, env=env, capture_output=True)
+            out["cli_add_files_per_s"] = args.files / (time.perf_counter() - t)
+            q = folder / "f00042.png"
+            cold = []
+            for _ in range(3):
+                t = time.perf_counter()
+                subprocess.run([exe, "search", str(q), "--store", str(tmp / "cli"), "--json"], check=True, env=env, capture_output=True)
+                cold.append(time.perf_counter() - t)
+            out["cli_search_cold_s"] = float(np.median(cold))
+            t = time.perf_counter()
+            subprocess.run([exe, "status", "--store", str(tmp / "cli"), "--json"], check=True, env=env, capture_output=True)
+            out["cli_status_s"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:24s} {v:,.3f}" if isinstance(v, float) else f"{k:24s} {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""The examples in the installed modules' docstrings run."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["streamsim.images", "streamsim.model", "streamsim.train", "streamsim.index"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0, f"{name} has no docstring example"
+    assert result.failed == 0
