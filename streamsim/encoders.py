@@ -5,6 +5,8 @@ A store keeps one folder per encoder version under ``<store>/encoders/``::
     encoders/v0001/state/       orbax checkpoint of ``nnx.state(model)``
     encoders/v0001/meta.json    architecture, config, parent, training summary, losses,
                                 reference reconstruction-error statistics, time
+    encoders/v0001/weights.npz  a plain-array copy of the state for inference (its sha256 is in
+                                meta.json; loaded without pickle, and only if the hash matches)
 
 ``meta.json`` is written last, atomically, after orbax has finished: a folder without it is an
 unfinished save and is never loaded (it is removed by :func:`discard_incomplete`). Version 1 of
@@ -26,6 +28,7 @@ from typing import Any
 
 META = "meta.json"
 STATE = "state"
+WEIGHTS = "weights.npz"  # the same arrays as state/, for a fast start without importing orbax
 
 
 class CheckpointError(ValueError):
@@ -58,6 +61,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.chmod(tmp, 0o644)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
@@ -90,19 +94,85 @@ def save(model, directory: str | Path, meta: dict[str, Any]) -> Path:
     checkpointer.save(d / STATE, nnx.state(model))
     checkpointer.wait_until_finished()
     checkpointer.close()
+    meta = {**meta, "weights_sha256": write_weights(model, d / WEIGHTS)}
     _write_json_atomic(d / META, meta)
     return d
 
 
-def load(directory: str | Path):
-    """Load a finished checkpoint; returns ``(model, meta)``."""
+def _flat_state(model) -> dict[str, Any]:
+    import jax
+    from flax import nnx
+
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}
+
+
+def write_weights(model, path: Path) -> str:
+    """Write the model's arrays to ``path`` (npz, atomically); returns the file's sha256."""
+    import hashlib
+
+    import numpy as np
+
+    arrays = {k: np.asarray(v) for k, v in _flat_state(model).items()}
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **{f"a{i}": arrays[k] for i, k in enumerate(sorted(arrays))}, keys=np.array(sorted(arrays)))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _load_weights(d: Path, meta: dict[str, Any]):
+    """The model from ``weights.npz`` if present and its hash matches ``meta``; else ``None``."""
+    import hashlib
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from . import model as M
+
+    path = d / WEIGHTS
+    if not path.is_file() or "weights_sha256" not in meta:
+        return None
+    raw = path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
+        return None
+    import io
+
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        keys = [str(k) for k in z["keys"]]
+        arrays = {k: z[f"a{i}"] for i, k in enumerate(keys)}
+    abstract = M.abstract(meta["arch"], meta["config"])
+    graphdef, abstract_state = nnx.split(abstract)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
+    leaves = []
+    for p, spec in paths:
+        a = arrays.get(jax.tree_util.keystr(p))
+        if a is None or a.shape != spec.shape or a.dtype != spec.dtype:
+            return None
+        leaves.append(a)
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.device_put(leaves)))
+
+
+def load(directory: str | Path, *, fast: bool = True):
+    """Load a finished checkpoint; returns ``(model, meta)``.
+
+    With ``fast`` the plain-array copy (``weights.npz``) is used when its hash matches the
+    metadata, which spares importing orbax; otherwise (or with ``fast=False``) orbax restores it.
+    """
+    d = Path(directory).absolute()
+    meta = read_meta(d)
+    if fast:
+        model = _load_weights(d, meta)
+        if model is not None:
+            return model, meta
     import orbax.checkpoint as ocp
     from flax import nnx
 
     from . import model as M
 
-    d = Path(directory).absolute()
-    meta = read_meta(d)
     if not (d / STATE).is_dir():
         raise CheckpointError(f"{d}: no {STATE}/ folder; the checkpoint is incomplete")
     abstract = M.abstract(meta["arch"], meta["config"])

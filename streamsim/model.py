@@ -137,13 +137,6 @@ def bce(logits: jax.Array, target: jax.Array) -> jax.Array:
 BUCKETS = (1, 8, 64, 512, 4096)
 
 
-def _bucket(n: int) -> int:
-    for b in BUCKETS:
-        if n <= b:
-            return b
-    return BUCKETS[-1]
-
-
 class Encoder:
     """Fast, thread-safe inference over a fixed model: codes, reconstructions and errors.
 
@@ -152,7 +145,8 @@ class Encoder:
     of weights, which skips per-call pytree handling (the hot path for one image at a time).
     """
 
-    def __init__(self, model: nnx.Module):
+    def __init__(self, model: nnx.Module, *, buckets: tuple[int, ...] = BUCKETS):
+        self.buckets = tuple(sorted(buckets))
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.state = state
@@ -192,11 +186,11 @@ class Encoder:
             raise ValueError(f"expected pixels of shape [N, 28, 28], got {x.shape}")
         x = np.ascontiguousarray(x, np.uint8)
         outs = []
-        step = BUCKETS[-1]
+        step = self.buckets[-1]
         for start in range(0, max(len(x), 1), step):
             chunk = x[start : start + step]
             n = len(chunk)
-            b = _bucket(n)
+            b = next(b for b in self.buckets if n <= b)
             if n < b:
                 chunk = np.concatenate([chunk, np.zeros((b - n, SIDE, SIDE), np.uint8)])
             res = self._program(name, b)(self._leaves, chunk)

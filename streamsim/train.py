@@ -50,6 +50,13 @@ class Corruptions:
     p_elastic: float = 0.3
     p_stroke: float = 0.3  # thicken or thin the strokes by one pixel
 
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = float(getattr(self, f.name))
+            if value < 0 or (f.name.startswith("p_") and value > 1):
+                raise ValueError(f"corruption {f.name} = {value} is out of range")
+            object.__setattr__(self, f.name, value)
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:

@@ -88,3 +88,18 @@ def test_corruptions_stay_in_range_and_differ_by_key(glyphs):
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         M.build("transformer")
+
+
+def test_fast_weights_match_orbax_and_tampering_falls_back(tmp_path, glyphs):
+    model = M.build("mlp", seed=4)
+    d = encoders.save(model, tmp_path / "v0001", {"arch": "mlp", "config": M.DEFAULT_CONFIGS["mlp"]})
+    fast, meta = encoders.load(d)
+    slow, _ = encoders.load(d, fast=False)
+    assert "weights_sha256" in meta
+    np.testing.assert_array_equal(M.Encoder(fast)(glyphs), M.Encoder(slow)(glyphs))
+    raw = bytearray((d / encoders.WEIGHTS).read_bytes())
+    raw[-100] ^= 0xFF
+    (d / encoders.WEIGHTS).write_bytes(bytes(raw))
+    assert encoders._load_weights(d, meta) is None  # hash mismatch: not trusted
+    again, _ = encoders.load(d)  # falls back to the orbax checkpoint
+    np.testing.assert_array_equal(M.Encoder(again)(glyphs), M.Encoder(slow)(glyphs))
