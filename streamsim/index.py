@@ -241,15 +241,16 @@ class Index:
                     on_file(item.path or item.source, "added" if stored.new else "duplicate", stored.id)
             pending.clear()
 
-        for path in images.iter_image_files(paths, recursive=recursive):
-            try:
-                pending.append(images.load(path))
-            except images.ImageError as e:
+        files = list(images.iter_image_files(paths, recursive=recursive))
+        for path, result in _load_all(files):
+            if isinstance(result, images.ImageError):
                 where = str(Path(path).absolute())
-                failed.append((where, e.reason))
-                self.catalog.record_failure(where, e.reason)
+                failed.append((where, result.reason))
+                self.catalog.record_failure(where, result.reason)
                 if on_file:
-                    on_file(where, e.reason, None)
+                    on_file(where, result.reason, None)
+            else:
+                pending.append(result)
             if len(pending) >= batch:
                 flush_pending()
         if pending:
@@ -494,6 +495,31 @@ class Index:
         if not encoders.is_complete(encoders.version_dir(self.root / "encoders", version)):
             raise StoreError(f"encoder version {version} has no usable checkpoint (state {info['state']})")
         self._switch(version, kind="rollback")
+
+
+PARALLEL_LOAD_MIN = 512  # files; below this, starting worker processes costs more than it saves
+
+
+def _load_or_error(path):
+    try:
+        return images.load(path)
+    except images.ImageError as e:
+        return e
+
+
+def _load_all(files: list[Path]):
+    """``(path, Loaded | ImageError)`` for each file, in order. Large batches are decoded in worker
+    processes (decoding holds the GIL, so threads do not help) while this process stores."""
+    workers = min(os.cpu_count() or 1, 8)
+    if len(files) < PARALLEL_LOAD_MIN or workers < 2:
+        for f in files:
+            yield f, _load_or_error(f)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from zip(files, pool.map(_load_or_error, files, chunksize=64))
 
 
 def _summary(meta: dict[str, Any]) -> dict[str, Any]:
