@@ -145,15 +145,14 @@ def search(
             typer.echo(f"wrote {show}")
 
 
-def _status_data(store: Path) -> dict:
+def _catalog(store: Path):
     from streamsim.catalog import Catalog
-    from streamsim.index import CATALOG_FILE
 
-    db = Path(store) / CATALOG_FILE
-    if not db.exists():
-        raise FileNotFoundError(f"{store}: no streamsim store here (create one with `streamsim add`)")
-    cat = Catalog(db, readonly=True)
-    try:
+    return Catalog.of_store(store, readonly=True)
+
+
+def _status_data(store: Path) -> dict:
+    with _catalog(store) as cat:
         return {
             "store": str(Path(store).absolute()),
             "images": cat.count_images(),
@@ -162,8 +161,6 @@ def _status_data(store: Path) -> dict:
             "active_version": cat.active_version(),
             "versions": cat.version_rows(),
         }
-    finally:
-        cat.close()
 
 
 @app.command()
@@ -253,17 +250,8 @@ def train(
 def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
     """Groups of identical files: the same bytes under several paths, or the same pixels."""
     with _Errors():
-        from streamsim.catalog import Catalog
-        from streamsim.index import CATALOG_FILE
-
-        db = Path(store) / CATALOG_FILE
-        if not db.exists():
-            raise FileNotFoundError(f"{store}: no streamsim store here")
-        cat = Catalog(db, readonly=True)
-        try:
+        with _catalog(store) as cat:
             groups = cat.identical_file_groups()
-        finally:
-            cat.close()
         if as_json:
             _print_json(groups)
             return
@@ -278,17 +266,8 @@ def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> No
 def failed(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
     """Files that could not be stored, with the reason."""
     with _Errors():
-        from streamsim.catalog import Catalog
-        from streamsim.index import CATALOG_FILE
-
-        db = Path(store) / CATALOG_FILE
-        if not db.exists():
-            raise FileNotFoundError(f"{store}: no streamsim store here")
-        cat = Catalog(db, readonly=True)
-        try:
+        with _catalog(store) as cat:
             rows = cat.failures()
-        finally:
-            cat.close()
         if as_json:
             _print_json([{"path": r["path"], "reason": r["reason"], "time": r["time"]} for r in rows])
             return

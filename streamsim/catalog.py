@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 PIXEL_BYTES = 28 * 28
+CATALOG_FILE = "catalog.sqlite"  # inside the store folder
 SCHEMA_VERSION = 1
 VERSION_STATES = ("building", "ready", "active", "retired", "failed")
 
@@ -108,6 +109,20 @@ class Catalog:
                 db.execute(
                     "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)", (str(SCHEMA_VERSION),)
                 )
+
+    @classmethod
+    def of_store(cls, store: str | Path, *, readonly: bool = True) -> "Catalog":
+        """The catalog of the store folder ``store``; FileNotFoundError if there is no store."""
+        db = Path(store) / CATALOG_FILE
+        if not db.exists():
+            raise FileNotFoundError(f"{store}: no streamsim store here (create one with `streamsim add`)")
+        return cls(db, readonly=readonly)
+
+    def __enter__(self) -> "Catalog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- plumbing -----------------------------------------------------------------------------
 

@@ -29,11 +29,10 @@ from typing import Any
 import numpy as np
 
 from . import encoders, images
-from .catalog import Catalog
+from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
-CATALOG_FILE = "catalog.sqlite"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
 

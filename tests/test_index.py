@@ -138,3 +138,21 @@ def test_train_new_version_and_rollback(tmp_path, digit_files, digits):
         assert kinds.count("rollback") == 2
         with pytest.raises(StoreError, match="no encoder version 9"):
             index.rollback(9)
+
+
+def test_bulk_add_in_worker_processes(tmp_path, digits, monkeypatch):
+    from conftest import write_pngs
+
+    import streamsim.index as index_module
+
+    monkeypatch.setattr(index_module, "PARALLEL_LOAD_MIN", 8)
+    files = write_pngs(tmp_path / "bulk", digits[0][:30])
+    (tmp_path / "bulk" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "bulk" / "img0000_copy.png").write_bytes(files[0].read_bytes())
+    seen = []
+    with Index.open(tmp_path / "s") as index:
+        report = index.add_files([tmp_path / "bulk"], on_file=lambda p, outcome, i: seen.append((p, outcome)))
+        assert len(report.added) == 30 and len(report.duplicates) == 1
+        assert [p for p, _ in report.failed] == [str(tmp_path / "bulk" / "zz_bad.png")]
+        assert len(seen) == 32
+        assert index.search(files[9], k=1)[0].path == str(files[9].resolve())
