@@ -275,6 +275,74 @@ def failed(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> N
             typer.echo(f"{r['path']}: {r['reason']}")
 
 
+@app.command()
+def watch(
+    folder: Annotated[Path, typer.Argument(help="The folder to tail.")],
+    recursive: Annotated[bool, typer.Option("--recursive", help="Also watch sub-folders.")] = False,
+    pattern: Annotated[Optional[list[str]], typer.Option("--pattern", help="File-name glob to take (repeatable); default: image suffixes.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Ingest what is there now, then exit.")] = False,
+    settle: Annotated[float, typer.Option("--settle", help="Seconds a file found by a rescan must stay unchanged.")] = 1.0,
+    rescan: Annotated[float, typer.Option("--rescan", help="Seconds between rescans of the folder.")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Ingest every image that lands in FOLDER, once, until SIGINT/SIGTERM (or with --once, now)."""
+    import signal
+    import threading
+
+    with _Errors():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: not a folder")
+        from streamsim.stream import Watcher, WatchConfig, lock_store
+
+        lock = lock_store(Path(store).absolute())
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        config = WatchConfig(folder=folder, recursive=recursive, patterns=tuple(pattern or ()), settle=settle, rescan=rescan)
+        with _open(store) as index:
+            if as_json:
+                def emit(event):
+                    sys.stdout.write(json.dumps(event) + "\n")
+                    sys.stdout.flush()
+
+                watcher = Watcher(index, config, emit)
+                watcher.run_once() if once else watcher.run(stop)
+                emit({"event": "stopped", "ingested": watcher.stats.ingested, "duplicates": watcher.stats.duplicates,
+                      "failed": watcher.stats.failed, "time": time.time()})
+            else:
+                _watch_live(index, config, once, stop)
+        lock.close()
+
+
+def _watch_live(index, config, once: bool, stop) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from streamsim.stream import Watcher
+
+    err = Console(stderr=True)
+    holder: dict = {}
+
+    def line() -> str:
+        w = holder.get("w")
+        if w is None:
+            return f"watching {config.folder}"
+        st = w.stats
+        return (f"watching {w.config.folder} — ingested {st.ingested} · duplicates {st.duplicates} · "
+                f"failed {st.failed} · {st.rate:,.0f} files/s")
+
+    with Live(line(), console=Console(), refresh_per_second=4, transient=False) as live:
+        def on_event(event):
+            if event["event"] == "failed":
+                live.console.print(f"[red]{event['path']}: {event['reason']}[/red]") if live.console.is_terminal else err.print(f"{event['path']}: {event['reason']}", markup=False, highlight=False)
+            live.update(line())
+
+        holder["w"] = watcher = Watcher(index, config, on_event)
+        watcher.run_once() if once else watcher.run(stop)
+        live.update(line())
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -50,6 +50,16 @@ CREATE TABLE IF NOT EXISTS failures(
     reason TEXT NOT NULL,
     time REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS journal(            -- one row per file seen by ingest: at most once
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    digest TEXT,                               -- sha256 of the bytes read (NULL if unreadable)
+    outcome TEXT NOT NULL,                     -- stored | duplicate | failed
+    image_id INTEGER,
+    reason TEXT,
+    time REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS versions(
     version INTEGER PRIMARY KEY,
     state TEXT NOT NULL,
@@ -139,16 +149,19 @@ class Catalog:
 
     # -- images -------------------------------------------------------------------------------
 
-    def add_images(self, records: list[tuple[str, np.ndarray, str | None]]) -> list[Stored]:
+    def add_images(self, records: list[tuple[str, np.ndarray, str | None]],
+                   journal: list[tuple[int, int] | None] | None = None) -> list[Stored]:
         """Store ``(digest, pixels, path)`` records in one transaction.
 
         A digest already stored (or repeated within the batch) returns the existing id with
-        ``new=False`` and records ``path`` as another path of that image.
+        ``new=False`` and records ``path`` as another path of that image. ``journal`` (aligned with
+        ``records``) gives each file's ``(size, mtime_ns)`` to journal in the same transaction.
         """
         now = time.time()
         out: list[Stored] = []
+        journal = journal or [None] * len(records)
         with self.transaction() as db:
-            for digest, pixels, path in records:
+            for (digest, pixels, path), stat in zip(records, journal):
                 px = np.ascontiguousarray(pixels, np.uint8)
                 if px.shape != (28, 28):
                     raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
@@ -166,8 +179,25 @@ class Catalog:
                         "INSERT OR IGNORE INTO paths(image_id, path, added) VALUES(?, ?, ?)", (image_id, path, now)
                     )
                     db.execute("DELETE FROM failures WHERE path = ?", (path,))
+                    if stat is not None:
+                        db.execute(
+                            "INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
+                            "VALUES(?, ?, ?, ?, ?, ?, NULL, ?)",
+                            (path, int(stat[0]), int(stat[1]), digest, "stored" if new else "duplicate", image_id, now),
+                        )
                 out.append(Stored(image_id, new))
         return out
+
+    def journal(self) -> dict[str, tuple[int, int]]:
+        """Every journalled file: ``path -> (size, mtime_ns)`` as it was when it was ingested."""
+        return {r[0]: (int(r[1]), int(r[2])) for r in self._query("SELECT path, size, mtime_ns FROM journal")}
+
+    def journal_entry(self, path: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM journal WHERE path = ?", (path,))
+        return dict(rows[0]) if rows else None
+
+    def max_image_id(self) -> int:
+        return int(self._query("SELECT COALESCE(MAX(id), 0) FROM images")[0][0])
 
     def find_digest(self, digest: str) -> int | None:
         rows = self._query("SELECT id FROM images WHERE digest = ?", (digest,))
@@ -228,6 +258,9 @@ class Catalog:
             yield ids, px
             last = int(ids[-1])
 
+    def ids_after(self, after: int) -> list[int]:
+        return [int(r[0]) for r in self._query("SELECT id FROM images WHERE id > ? ORDER BY id", (int(after),))]
+
     def ids(self) -> np.ndarray:
         rows = self._query("SELECT id FROM images ORDER BY id")
         return np.fromiter((r[0] for r in rows), np.int64, len(rows))
@@ -275,13 +308,22 @@ class Catalog:
 
     # -- failures ----------------------------------------------------------------------------
 
-    def record_failure(self, path: str, reason: str) -> None:
+    def record_failure(self, path: str, reason: str, *, stat: tuple[int, int] | None = None,
+                       digest: str | None = None) -> None:
+        """Record that ``path`` could not be stored; with ``stat`` (size, mtime_ns) journal it too."""
+        now = time.time()
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO failures(path, reason, time) VALUES(?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, time = excluded.time",
-                (path, reason, time.time()),
+                (path, reason, now),
             )
+            if stat is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
+                    "VALUES(?, ?, ?, ?, 'failed', NULL, ?, ?)",
+                    (path, int(stat[0]), int(stat[1]), digest, reason, now),
+                )
 
     def failures(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT path, reason, time FROM failures ORDER BY time, path")]

@@ -52,6 +52,18 @@ class Match:
 
 
 @dataclass(frozen=True)
+class FileOutcome:
+    """What ingesting one file did: ``stored``, ``duplicate`` (same bytes already stored; the path
+    was recorded as another path of ``id``), ``failed`` (with ``reason``) or ``busy`` (the file
+    changed while it was read; offer it again)."""
+
+    path: str
+    outcome: str
+    id: int | None
+    reason: str | None
+
+
+@dataclass(frozen=True)
 class IngestReport:
     """What :meth:`Index.add_files` did: new images, files that were already stored, failures."""
 
@@ -80,6 +92,7 @@ class Index:
         self._vectors = None
         self._vectors_version: int | None = None
         self._last_save = time.monotonic()
+        self._known_max = 0  # every image id up to this one is in the active vectors
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -139,6 +152,7 @@ class Index:
                 vectors.add(ids, enc(self.catalog.pixels(ids)))
         if vectors.dirty:
             vectors.save()
+        self._known_max = int(stored.max()) if len(stored) else 0
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -233,34 +247,70 @@ class Index:
         failed: list[tuple[str, str]] = []
         pending: list[images.Loaded] = []
 
+        pending_stats: list[tuple[int, int] | None] = []
+
         def flush_pending():
-            for item, stored in zip(pending, self._store(pending)):
+            for item, stored in zip(pending, self._store(pending, journal=pending_stats)):
                 (added if stored.new else dups).append(stored.id)
                 if on_file:
                     on_file(item.path or item.source, "added" if stored.new else "duplicate", stored.id)
             pending.clear()
+            pending_stats.clear()
 
         files = list(images.iter_image_files(paths, recursive=recursive))
         for path, result in _load_all(files):
             if isinstance(result, images.ImageError):
                 where = str(Path(path).absolute())
                 failed.append((where, result.reason))
-                self.catalog.record_failure(where, result.reason)
+                self.catalog.record_failure(where, result.reason, stat=_stat(where))
                 if on_file:
                     on_file(where, result.reason, None)
             else:
                 pending.append(result)
+                pending_stats.append(_stat(result.path))
             if len(pending) >= batch:
                 flush_pending()
         if pending:
             flush_pending()
         return IngestReport(added, dups, failed)
 
-    def _store(self, loaded: Sequence[images.Loaded]):
+    def ingest_files(self, files: Sequence[tuple[str, int, int]]) -> list["FileOutcome"]:
+        """Ingest files seen as ``(path, size, mtime_ns)``, journalling each outcome in the catalog.
+
+        A file whose size or mtime changed while it was read is not stored (outcome ``"busy"``)
+        and should be offered again once it is complete. Failures are journalled with the
+        stat they had, so the same unchanged file is not retried.
+        """
+        stats = {str(f[0]): (int(f[1]), int(f[2])) for f in files}
+        out: list[FileOutcome] = []
+        to_store: list[tuple[int, images.Loaded]] = []
+        for path, result in _load_all([Path(f[0]) for f in files]):
+            path = str(path)
+            seen, now = stats[path], _stat(path)
+            if now is not None and now != seen:
+                out.append(FileOutcome(path, "busy", None, None))  # still being written
+            elif isinstance(result, images.ImageError):
+                reason = result.reason if now is not None else "vanished before it could be read"
+                self.catalog.record_failure(path, reason, stat=seen)
+                out.append(FileOutcome(path, "failed", None, reason))
+            elif now is None:
+                out.append(FileOutcome(path, "failed", None, "vanished while it was read"))
+                self.catalog.record_failure(path, "vanished while it was read", stat=seen)
+            else:
+                to_store.append((len(out), result))
+                out.append(FileOutcome(path, "pending", None, None))
+        if to_store:
+            stored = self._store([x for _, x in to_store], journal=[stats[out[i].path] for i, _ in to_store])
+            for (i, _), s in zip(to_store, stored):
+                out[i] = FileOutcome(out[i].path, "stored" if s.new else "duplicate", s.id, None)
+        return out
+
+    def _store(self, loaded: Sequence[images.Loaded], journal: list[tuple[int, int]] | None = None):
         if not loaded:
             return []
         with self._lock:
-            stored = self.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded])
+            self._catch_up(self.active_version)  # images other processes stored since we looked
+            stored = self.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded], journal)
             new_ids, new_px, seen = [], [], set()
             for s, x in zip(stored, loaded):
                 if s.new and s.id not in seen:
@@ -270,6 +320,7 @@ class Index:
             if new_ids:
                 v = self.active_version
                 self._vectors_for(v).add(np.asarray(new_ids, np.int64), self.encoder(v)(np.stack(new_px)))
+                self._catch_up(v)  # only ids stored elsewhere meanwhile are encoded here
                 self._maybe_save()
             return stored
 
@@ -322,6 +373,7 @@ class Index:
             v = self.active_version
             enc = self.encoder(v)
             vectors = self._vectors_for(v)
+            self._catch_up(v)
             if mode == "similar":
                 keys, dist = vectors.search(enc(pixels), k)
                 hits = [list(zip(keys[i], dist[i])) for i in range(len(pixels))]
@@ -330,6 +382,26 @@ class Index:
             else:
                 hits = self._recall_hits(pixels, k, enc, vectors)
         return self._matches(hits, v)
+
+    def _catch_up(self, version: int) -> None:
+        """Make images stored by another process (a watcher, say) searchable here at once.
+
+        Cheap when nothing changed: one ``MAX(id)`` query. New ids are encoded from the catalog's
+        pixels and added in memory (the writer saves the vector file on its own schedule)."""
+        top = self.catalog.max_image_id()
+        if top <= self._known_max:
+            return
+        vectors = self._vectors_for(version)
+        if not vectors.dirty:
+            vectors.reload_if_changed()
+        ids = np.asarray([i for i in self.catalog.ids_after(self._known_max)], np.int64)
+        missing = ids[~vectors.contains(ids)] if len(ids) else ids
+        if len(missing):
+            enc = self.encoder(version)
+            for start in range(0, len(missing), 4096):
+                chunk = missing[start : start + 4096]
+                vectors.add(chunk, enc(self.catalog.pixels(chunk)))
+        self._known_max = top
 
     def _duplicate_hits(self, pixels, k, enc, vectors, version):
         threshold = float(self.meta(version).get("duplicate_threshold", 0.0))
@@ -483,6 +555,8 @@ class Index:
                 self._vectors.save()
             self.catalog.activate(version, kind=kind)
             self._vectors_for(version)
+            self._known_max = 0
+            self._catch_up(version)
 
     def rollback(self, version: int) -> None:
         """Make ``version`` (encoder and index together) active again; its index is rebuilt from
@@ -494,6 +568,14 @@ class Index:
         if not encoders.is_complete(encoders.version_dir(self.root / "encoders", version)):
             raise StoreError(f"encoder version {version} has no usable checkpoint (state {info['state']})")
         self._switch(version, kind="rollback")
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 PARALLEL_LOAD_MIN = 512  # files; below this, starting worker processes costs more than it saves

@@ -1,0 +1,314 @@
+"""Tail a folder: every image that lands there is ingested once, through crashes and restarts.
+
+Files are seen two ways — OS file events (``watchdog``: inotify on Linux) and a periodic rescan,
+because event queues overflow and network filesystems drop events — and ingested only when they
+are complete:
+
+- a file renamed into place, or closed after writing (inotify ``IN_CLOSE_WRITE``), is ready at once;
+- a file with open writes seen by events waits for its close; if no close ever comes (a writer
+  that died, a filesystem without close events) it is ready after ``open_timeout`` seconds with
+  size and mtime unchanged;
+- a file found only by a rescan is ready when its size and mtime have not changed for ``settle``
+  seconds;
+- and a file that changes while it is read is put back (``busy``), never stored half-written.
+
+Hidden and temporary names (``.*``, ``*.part``, ``*.tmp``, ``~*``) are ignored until renamed.
+Files ready together are taken in arrival order (mtime, then name) in micro-batches (at most
+``batch_files`` files, or whatever arrived within ``batch_ms``). The catalog journals every
+file's (path, size, mtime, byte hash, outcome) in the same transaction that stores it, so a file
+is processed at most once across restarts, and files that arrived while the watcher was down are
+picked up by the first scan. The watcher never deletes, moves or rewrites user files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import images
+
+TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchConfig:
+    folder: Path
+    recursive: bool = False
+    patterns: tuple[str, ...] = ()  # file-name globs; default: the image suffixes streamsim reads
+    settle: float = 1.0  # seconds a rescan-found file must stay unchanged
+    open_timeout: float = 30.0  # seconds an open-for-writing file may stay silent before it is taken
+    rescan: float = 5.0  # seconds between rescans
+    batch_files: int = 256
+    batch_ms: float = 100.0
+    use_events: bool = True
+
+
+@dataclasses.dataclass
+class WatchStats:
+    ingested: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        dt = time.monotonic() - self.started
+        return (self.ingested + self.duplicates) / dt if dt > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Pending:
+    stat: tuple[int, int]
+    stable_since: float
+    writing: bool = False  # open-for-writing seen by events, no close yet
+    closed: bool = False  # closed after writing, or renamed into place
+
+
+def wanted(name: str, patterns: tuple[str, ...]) -> bool:
+    """Whether a file name is one the watcher takes (not hidden/temporary; matching patterns)."""
+    if any(fnmatch.fnmatch(name, p) for p in TEMP_PATTERNS):
+        return False
+    if patterns:
+        return any(fnmatch.fnmatch(name, p) for p in patterns)
+    return Path(name).suffix.lower() in images.IMAGE_SUFFIXES
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isfile(path):
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+class WatchLockError(RuntimeError):
+    """Another watcher holds this store."""
+
+
+def lock_store(root: Path):
+    """Hold ``<store>/watch.lock`` for as long as the returned file stays open (one watcher per store)."""
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / "watch.lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise WatchLockError(f"{root}: a watcher is already running on this store (pid {holder})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
+class Watcher:
+    """Feeds the files of one folder into an :class:`~streamsim.index.Index`.
+
+    ``on_event(dict)`` receives one event per file (``stored``, ``duplicate``, ``failed``) with
+    ``path``, ``id`` / ``reason`` and ``time``.
+    """
+
+    def __init__(self, index, config: WatchConfig, on_event: Callable[[dict[str, Any]], None] | None = None):
+        self.index = index
+        self.config = dataclasses.replace(config, folder=Path(config.folder).resolve())
+        self.on_event = on_event or (lambda e: None)
+        self.stats = WatchStats()
+        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._pending: dict[str, _Pending] = {}
+        self._done: dict[str, tuple[int, int]] = index.catalog.journal()
+        self._observer = None
+
+    # -- seeing files -------------------------------------------------------------------------
+
+    def _start_events(self) -> None:
+        if not self.config.use_events:
+            return
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        events = self._events
+
+        class Handler(FileSystemEventHandler):
+            def on_created(self, event):
+                if not event.is_directory:
+                    events.put(("write", event.src_path))
+
+            def on_modified(self, event):
+                if not event.is_directory:
+                    events.put(("write", event.src_path))
+
+            def on_closed(self, event):
+                if not event.is_directory:
+                    events.put(("closed", event.src_path))
+
+            def on_moved(self, event):
+                if not event.is_directory:
+                    events.put(("closed", event.dest_path))
+                else:
+                    events.put(("rescan", event.dest_path))
+
+        self._observer = Observer()
+        self._observer.schedule(Handler(), str(self.config.folder), recursive=self.config.recursive)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def _stop_events(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def _offer(self, path: str, kind: str, now: float) -> None:
+        if not wanted(os.path.basename(path), self.config.patterns):
+            return
+        if not self.config.recursive and os.path.dirname(path) != str(self.config.folder):
+            return
+        st = _stat(path)
+        if st is None:
+            self._pending.pop(path, None)
+            return
+        if self._done.get(path) == st:
+            self._pending.pop(path, None)
+            return
+        p = self._pending.get(path)
+        if p is None or p.stat != st:
+            p = _Pending(st, now, writing=p.writing if p else False, closed=False)
+            self._pending[path] = p
+        if kind == "write":
+            p.writing, p.closed = True, False
+        elif kind == "closed":
+            p.writing, p.closed = False, True
+
+    def scan(self) -> None:
+        """Look at every file in the folder (the start, and every ``rescan`` seconds)."""
+        now = time.monotonic()
+        folder = str(self.config.folder)
+        if self.config.recursive:
+            walker = os.walk(folder)
+        else:
+            try:
+                walker = [(folder, [], [e.name for e in os.scandir(folder) if e.is_file()])]
+            except OSError:
+                return
+        for root, dirs, files in walker:
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                path = os.path.join(root, name)
+                if path not in self._pending:
+                    self._offer(path, "scan", now)
+
+    def _drain_events(self, timeout: float) -> None:
+        now = time.monotonic()
+        try:
+            kind, path = self._events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            if kind == "rescan":
+                self.scan()
+            else:
+                self._offer(path, kind, now)
+            try:
+                kind, path = self._events.get_nowait()
+            except queue.Empty:
+                return
+
+    # -- readiness ------------------------------------------------------------------------------
+
+    def ready(self) -> list[tuple[str, int, int]]:
+        """Files complete now, in arrival order (mtime, then name)."""
+        now = time.monotonic()
+        out = []
+        for path, p in list(self._pending.items()):
+            st = _stat(path)
+            if st is None:
+                del self._pending[path]
+                continue
+            if st != p.stat:
+                p.stat, p.stable_since, p.closed = st, now, False
+                continue
+            quiet = now - p.stable_since
+            if p.closed or (quiet >= (self.config.open_timeout if p.writing else self.config.settle)):
+                out.append((path, st[0], st[1]))
+        out.sort(key=lambda f: (f[2], os.path.basename(f[0]), f[0]))
+        return out
+
+    # -- ingesting ------------------------------------------------------------------------------
+
+    def ingest(self, files: list[tuple[str, int, int]]) -> None:
+        stats = {f[0]: (f[1], f[2]) for f in files}
+        for outcome in self.index.ingest_files(files):
+            if outcome.outcome == "busy":
+                p = self._pending.get(outcome.path)
+                if p is not None:
+                    p.closed, p.stable_since = False, time.monotonic()
+                continue
+            self._pending.pop(outcome.path, None)
+            self._done[outcome.path] = stats[outcome.path]
+            if outcome.outcome == "stored":
+                self.stats.ingested += 1
+            elif outcome.outcome == "duplicate":
+                self.stats.duplicates += 1
+            else:
+                self.stats.failed += 1
+            event = {"event": outcome.outcome, "path": outcome.path, "time": time.time()}
+            if outcome.id is not None:
+                event["id"] = outcome.id
+            if outcome.reason is not None:
+                event["reason"] = outcome.reason
+            self.on_event(event)
+
+    def run_once(self) -> None:
+        """Ingest what is in the folder now (waiting for files still being written), then return."""
+        self.scan()
+        while self._pending:
+            batch = self.ready()[: self.config.batch_files]
+            if batch:
+                self.ingest(batch)
+            else:
+                time.sleep(0.05)
+        self.index.flush()
+
+    def run(self, stop: threading.Event) -> None:
+        """Watch until ``stop`` is set; then finish the batch in hand, save and return."""
+        self._start_events()
+        try:
+            self.scan()
+            last_scan = time.monotonic()
+            self.on_event({"event": "watching", "folder": str(self.config.folder), "pending": len(self._pending),
+                           "time": time.time()})
+            while not stop.is_set():
+                self._drain_events(timeout=0.05)
+                now = time.monotonic()
+                if now - last_scan >= self.config.rescan:
+                    self.scan()
+                    last_scan = now
+                batch = self.ready()
+                if batch and len(batch) < self.config.batch_files:
+                    # gather a little longer: a bulk drop is cheaper in one batch
+                    deadline = time.monotonic() + self.config.batch_ms / 1000
+                    while time.monotonic() < deadline and not stop.is_set():
+                        self._drain_events(timeout=max(0.0, deadline - time.monotonic()))
+                    batch = self.ready()
+                for start in range(0, len(batch), self.config.batch_files):
+                    self.ingest(batch[start : start + self.config.batch_files])
+                    if stop.is_set():
+                        break
+                self.index._maybe_save()
+        finally:
+            self._stop_events()
+            self.index.flush()
+

@@ -1,0 +1,192 @@
+"""`streamsim watch` as users run it: a real subprocess tailing a real folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamsim import Index
+
+EXE = str(Path(sys.executable).parent / "streamsim")
+
+
+class WatchProcess:
+    def __init__(self, folder: Path, store: Path, *extra: str):
+        self.proc = subprocess.Popen(
+            [EXE, "watch", str(folder), "--store", str(store), "--json", "--settle", "0.3", "--rescan", "0.5", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder.parent,
+        )
+        self.events: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    def wait_for(self, predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.events):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; events: {self.events[-5:]}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+
+    def count(self, kind: str) -> int:
+        return sum(e["event"] == kind for e in self.events)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def status(store: Path) -> dict:
+    out = subprocess.run([EXE, "status", "--store", str(store), "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    imgs = digits[0]
+    # already there before the watcher starts: 3 images, a duplicate, two bad files
+    for i in range(3):
+        (inbox / f"early{i}.png").write_bytes(png_bytes(imgs[i]))
+    (inbox / "early_copy.png").write_bytes(png_bytes(imgs[0]))
+    (inbox / "empty.png").write_bytes(b"")
+    (inbox / "truncated.png").write_bytes(png_bytes(imgs[3])[:80])
+    (inbox / "notes.txt").write_text("not an image name: ignored")
+
+    w = WatchProcess(inbox, store)
+    try:
+        w.wait_for(lambda ev: sum(e["event"] in ("stored", "duplicate", "failed") for e in ev) >= 6)
+        assert w.count("stored") == 3 and w.count("duplicate") == 1 and w.count("failed") == 2
+        reasons = {Path(e["path"]).name: e["reason"] for e in w.events if e["event"] == "failed"}
+        assert set(reasons) == {"empty.png", "truncated.png"} and "empty" in reasons["empty.png"]
+
+        # rename into place: the temporary name is ignored, the final one ingested
+        tmp = inbox / ".incoming.png.part"
+        tmp.write_bytes(png_bytes(imgs[10]))
+        time.sleep(1.0)
+        assert w.count("stored") == 3
+        tmp.rename(inbox / "renamed.png")
+
+        # a slow writer in chunks: never read half-written
+        data = png_bytes(imgs[11])
+        with open(inbox / "slow.png", "wb") as f:
+            for i in range(0, len(data), max(1, len(data) // 8)):
+                f.write(data[i : i + max(1, len(data) // 8)])
+                f.flush()
+                time.sleep(0.25)
+        w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) >= 5)
+        stored = {Path(e["path"]).name for e in w.events if e["event"] == "stored"}
+        assert {"renamed.png", "slow.png"} <= stored
+        assert w.count("failed") == 2  # the slow file was never reported corrupt
+
+        # another process searches while the watcher runs
+        with Index.open(store, create=False) as index:
+            hit = index.search(imgs[11], k=1)[0]
+            assert Path(hit.path).name == "slow.png" and hit.distance < 1e-4
+    finally:
+        t = time.monotonic()
+        rc = w.stop()
+    assert rc == 0 and time.monotonic() - t < 10
+    assert w.events[-1]["event"] == "stopped"
+    st = status(store)
+    assert st["images"] == 5 and st["failed"] == 2 and st["files"] == 6
+    # user files untouched
+    assert (inbox / "early_copy.png").exists() and (inbox / "empty.png").read_bytes() == b""
+
+    # restart: nothing is processed twice; a changed file is a new image
+    (inbox / "early1.png").write_bytes(png_bytes(imgs[12]))
+    w2 = WatchProcess(inbox, store)
+    try:
+        w2.wait_for(lambda ev: any(e["event"] == "stored" for e in ev))
+        time.sleep(1.0)
+    finally:
+        assert w2.stop(signal.SIGINT) == 0
+    assert w2.count("stored") == 1 and w2.count("failed") == 0 and w2.count("duplicate") == 0
+    assert status(store)["images"] == 6
+
+
+def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, digits):
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    imgs = digits[0]
+    w = WatchProcess(inbox, store)
+    w.wait_for(lambda ev: any(e["event"] == "watching" for e in ev))
+    for i in range(120):
+        (inbox / f"f{i:03d}.png.tmp").write_bytes(png_bytes(imgs[i]))
+        os.replace(inbox / f"f{i:03d}.png.tmp", inbox / f"f{i:03d}.png")
+    w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) >= 30)
+    w.stop(signal.SIGKILL)
+    acknowledged = {e["path"]: e["id"] for e in w.events if e["event"] == "stored"}
+    for i in range(120, 150):  # arrive while it is down
+        (inbox / f"f{i:03d}.png").write_bytes(png_bytes(imgs[i]))
+    out = subprocess.run([EXE, "watch", str(inbox), "--store", str(store), "--once", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    with Index.open(store, create=False) as index:
+        assert len(index) == 150
+        for path, image_id in acknowledged.items():
+            assert index.get(image_id)["path"] == path
+        for i in (0, 77, 149):
+            assert Path(index.search(imgs[i], k=1)[0].path).name == f"f{i:03d}.png"
+    st = status(store)
+    assert st["images"] == 150 and st["files"] == 150 and st["failed"] == 0
+
+
+def test_once_takes_files_in_arrival_order_and_patterns(tmp_path, digits):
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    (inbox / "sub").mkdir(parents=True)
+    names = ["c.png", "a.png", "b.png"]
+    now = time.time()
+    for k, name in enumerate(names):
+        p = inbox / name
+        p.write_bytes(png_bytes(digits[0][k]))
+        os.utime(p, (now - 100 + k, now - 100 + k))
+    (inbox / "sub" / "deep.png").write_bytes(png_bytes(digits[0][5]))
+    (inbox / "skip.jpg").write_bytes(png_bytes(digits[0][6]))
+    out = subprocess.run([EXE, "watch", str(inbox), "--store", str(store), "--once", "--json", "--pattern", "*.png"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [Path(e["path"]).name for e in events if e["event"] == "stored"] == names
+    out = subprocess.run([EXE, "watch", str(inbox), "--store", str(store), "--once", "--json", "--recursive"],
+                         capture_output=True, text=True, timeout=120)
+    events = [json.loads(line) for line in out.stdout.splitlines()]
+    assert sorted(Path(e["path"]).name for e in events if e["event"] == "stored") == ["deep.png", "skip.jpg"]
+
+
+def test_second_watcher_on_the_same_store_is_refused(tmp_path):
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    w = WatchProcess(inbox, store)
+    try:
+        w.wait_for(lambda ev: any(e["event"] == "watching" for e in ev))
+        out = subprocess.run([EXE, "watch", str(inbox), "--store", str(store), "--once"], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "already running" in out.stderr and "Traceback" not in out.stderr
+    finally:
+        assert w.stop() == 0
