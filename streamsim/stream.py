@@ -5,9 +5,11 @@ because event queues overflow and network filesystems drop events — and ingest
 are complete:
 
 - a file renamed into place, or closed after writing (inotify ``IN_CLOSE_WRITE``), is ready at once;
-- a file with open writes seen by events waits for its close; if no close ever comes (a writer
-  that died, a filesystem without close events) it is ready after ``open_timeout`` seconds with
-  size and mtime unchanged;
+- a file that appeared through an event and was never opened for writing (moved in from another
+  folder) is ready after ``CREATED_SETTLE`` seconds;
+- a file opened for writing waits for its close; if no close ever comes (a writer that died, a
+  filesystem without close events) it is ready after ``open_timeout`` seconds with size and mtime
+  unchanged;
 - a file found only by a rescan is ready when its size and mtime have not changed for ``settle``
   seconds;
 - and a file that changes while it is read is put back (``busy``), never stored half-written.
@@ -34,6 +36,9 @@ from typing import Any
 
 from . import images
 
+# A file that appeared through an event but was never opened for writing here (moved in from
+# another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
+CREATED_SETTLE = 0.2
 TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
 
 
@@ -67,7 +72,9 @@ class WatchStats:
 class _Pending:
     stat: tuple[int, int]
     stable_since: float
-    writing: bool = False  # open-for-writing seen by events, no close yet
+    by_event: bool = False  # seen through an OS event (else only by a scan)
+    writing: bool = False  # opened or modified, not closed since
+    modified: bool = False  # modified since it was last opened
     closed: bool = False  # closed after writing, or renamed into place
 
 
@@ -144,15 +151,23 @@ class Watcher:
         class Handler(FileSystemEventHandler):
             def on_created(self, event):
                 if not event.is_directory:
-                    events.put(("write", event.src_path))
+                    events.put(("created", event.src_path))
+
+            def on_opened(self, event):
+                if not event.is_directory:
+                    events.put(("opened", event.src_path))
 
             def on_modified(self, event):
                 if not event.is_directory:
-                    events.put(("write", event.src_path))
+                    events.put(("modified", event.src_path))
 
             def on_closed(self, event):
                 if not event.is_directory:
                     events.put(("closed", event.src_path))
+
+            def on_closed_no_write(self, event):
+                if not event.is_directory:
+                    events.put(("closed_no_write", event.src_path))
 
             def on_moved(self, event):
                 if not event.is_directory:
@@ -184,13 +199,21 @@ class Watcher:
             self._pending.pop(path, None)
             return
         p = self._pending.get(path)
-        if p is None or p.stat != st:
-            p = _Pending(st, now, writing=p.writing if p else False, closed=False)
-            self._pending[path] = p
-        if kind == "write":
-            p.writing, p.closed = True, False
+        if p is None:
+            p = self._pending[path] = _Pending(st, now)
+        elif p.stat != st:
+            p.stat, p.stable_since, p.closed = st, now, False
+        if kind == "scan":
+            return
+        p.by_event = True
+        if kind == "opened":
+            p.writing, p.modified = True, False
+        elif kind == "modified":
+            p.writing, p.modified, p.closed = True, True, False
         elif kind == "closed":
             p.writing, p.closed = False, True
+        elif kind == "closed_no_write" and not p.modified:
+            p.writing = False  # somebody only read it
 
     def scan(self) -> None:
         """Look at every file in the folder (the start, and every ``rescan`` seconds)."""
@@ -241,7 +264,15 @@ class Watcher:
                 p.stat, p.stable_since, p.closed = st, now, False
                 continue
             quiet = now - p.stable_since
-            if p.closed or (quiet >= (self.config.open_timeout if p.writing else self.config.settle)):
+            if p.closed:
+                wait = 0.0
+            elif p.writing:
+                wait = self.config.open_timeout  # a writer still has it open: wait for the close
+            elif p.by_event:
+                wait = min(self.config.settle, CREATED_SETTLE)  # e.g. renamed in from another folder
+            else:
+                wait = self.config.settle
+            if quiet >= wait:
                 out.append((path, st[0], st[1]))
         out.sort(key=lambda f: (f[2], os.path.basename(f[0]), f[0]))
         return out

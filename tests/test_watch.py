@@ -92,6 +92,10 @@ def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
         time.sleep(1.0)
         assert w.count("stored") == 3
         tmp.rename(inbox / "renamed.png")
+        # moved in from another folder: complete at once, no close event ever comes
+        outside = tmp_path / "outside.png"
+        outside.write_bytes(png_bytes(imgs[13]))
+        outside.rename(inbox / "moved_in.png")
 
         # a slow writer in chunks: never read half-written
         data = png_bytes(imgs[11])
@@ -100,9 +104,9 @@ def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
                 f.write(data[i : i + max(1, len(data) // 8)])
                 f.flush()
                 time.sleep(0.25)
-        w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) >= 5)
+        w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) >= 6)
         stored = {Path(e["path"]).name for e in w.events if e["event"] == "stored"}
-        assert {"renamed.png", "slow.png"} <= stored
+        assert {"renamed.png", "slow.png", "moved_in.png"} <= stored
         assert w.count("failed") == 2  # the slow file was never reported corrupt
 
         # another process searches while the watcher runs
@@ -115,7 +119,7 @@ def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
     assert rc == 0 and time.monotonic() - t < 10
     assert w.events[-1]["event"] == "stopped"
     st = status(store)
-    assert st["images"] == 5 and st["failed"] == 2 and st["files"] == 6
+    assert st["images"] == 6 and st["failed"] == 2 and st["files"] == 7
     # user files untouched
     assert (inbox / "early_copy.png").exists() and (inbox / "empty.png").read_bytes() == b""
 
@@ -128,7 +132,7 @@ def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
     finally:
         assert w2.stop(signal.SIGINT) == 0
     assert w2.count("stored") == 1 and w2.count("failed") == 0 and w2.count("duplicate") == 0
-    assert status(store)["images"] == 6
+    assert status(store)["images"] == 7
 
 
 def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, digits):

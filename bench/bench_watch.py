@@ -1,0 +1,153 @@
+"""`streamsim watch` under load, with a real watcher process and a real producer process.
+
+    python bench/bench_watch.py [--bulk 2000] [--drops 40] [--soak 100000] [--json]
+
+1. bulk: a producer process moves N ready-made 28×28 PNGs into the watched folder at once; we time
+   from its first move until every image is stored (checked from this, a third, process).
+2. latency: single files renamed into an idle watcher's folder, one at a time; the time until a
+   search from this process finds each one (p50 / p95).
+3. soak: N files dropped over time in bursts of 500; the watcher's RSS sampled throughout; at the
+   end every file must be stored exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+EXE = str(Path(sys.executable).parent / "streamsim")
+
+
+def make_pngs(folder: Path, n: int, seed: int, prefix: str) -> list[Path]:
+    from bench_speed import distinct_digits
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(distinct_digits(n, seed=seed)):
+        p = folder / f"{prefix}{i:06d}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def count_images(store: Path) -> int:
+    from streamsim.catalog import Catalog
+
+    with Catalog.of_store(store) as cat:
+        return cat.count_images()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bulk", type=int, default=2000)
+    ap.add_argument("--drops", type=int, default=40)
+    ap.add_argument("--soak", type=int, default=100_000)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    from streamsim import Index, images
+
+    tmp = Path(tempfile.mkdtemp(prefix="streamsim-watch-bench-"))
+    inbox, staging, store = tmp / "inbox", tmp / "staging", tmp / "store"
+    inbox.mkdir()
+    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores"}
+    watcher = subprocess.Popen([EXE, "watch", str(inbox), "--store", str(store), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    events: list[dict] = []
+    threading.Thread(target=lambda: [events.append(json.loads(x)) for x in watcher.stdout], daemon=True).start()
+    try:
+        while not any(e["event"] == "watching" for e in events):
+            time.sleep(0.05)
+
+        # 1. bulk drop
+        bulk = make_pngs(staging / "bulk", args.bulk, seed=11, prefix="b")
+        mover = ("import os, sys, time; src, dst = sys.argv[1], sys.argv[2]; print(time.time(), flush=True)\n"
+                 "for n in sorted(os.listdir(src)): os.rename(os.path.join(src, n), os.path.join(dst, n))")
+        prod = subprocess.run([sys.executable, "-c", mover, str(staging / "bulk"), str(inbox)], capture_output=True, text=True, check=True)
+        t0 = float(prod.stdout.split()[0])
+        while count_images(store) < args.bulk:
+            time.sleep(0.01)
+        t_all = time.time()
+        out["bulk_files"] = args.bulk
+        out["bulk_seconds"] = t_all - t0
+        out["bulk_files_per_s"] = args.bulk / (t_all - t0)
+
+        # 2. single-file latency, searched from this process
+        singles = make_pngs(staging / "single", args.drops, seed=12, prefix="s")
+        lat = []
+        with Index.open(store, create=False) as reader:
+            for p in singles:
+                px = images.load(p).pixels
+                dest = inbox / p.name
+                t = time.time()
+                os.rename(p, dest)
+                while True:
+                    hit = reader.search_pixels(px[None], 1)[0]
+                    if hit and hit[0].path == str(dest):
+                        break
+                    time.sleep(0.005)
+                lat.append(time.time() - t)
+                time.sleep(0.3)
+        out["single_latency_p50_s"] = float(np.percentile(lat, 50))
+        out["single_latency_p95_s"] = float(np.percentile(lat, 95))
+
+        # 3. soak
+        if args.soak:
+            base = count_images(store)
+            soak_dir = staging / "soak"
+            made = make_pngs(soak_dir, args.soak, seed=13, prefix="k")
+            samples = []
+            t_start = time.time()
+            for start in range(0, len(made), 500):
+                for p in made[start : start + 500]:
+                    os.rename(p, inbox / p.name)
+                samples.append((time.time() - t_start, count_images(store) - base, rss_kb(watcher.pid)))
+                time.sleep(0.25)
+            deadline = time.time() + 600
+            while count_images(store) - base < args.soak and time.time() < deadline:
+                samples.append((time.time() - t_start, count_images(store) - base, rss_kb(watcher.pid)))
+                time.sleep(1.0)
+            out["soak_files"] = args.soak
+            out["soak_stored"] = count_images(store) - base
+            out["soak_seconds"] = time.time() - t_start
+            rss = [s[2] for s in samples]
+            q = len(rss) // 4
+            out["soak_rss_mb_first_quarter_max"] = max(rss[: max(q, 1)]) / 1024
+            out["soak_rss_mb_last_quarter_max"] = max(rss[-max(q, 1):]) / 1024
+            out["soak_rss_mb_samples"] = [[round(t, 1), n, round(r / 1024, 1)] for t, n, r in samples[:: max(1, len(samples) // 12)]]
+        watcher.terminate()
+        out["sigterm_exit_code"] = watcher.wait(timeout=30)
+        counts = {k: sum(e["event"] == k for e in events) for k in ("stored", "duplicate", "failed")}
+        out["events"] = counts
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out, indent=2) if args.json else "\n".join(f"{k:32s} {v}" for k, v in out.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
