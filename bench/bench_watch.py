@@ -52,11 +52,16 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
+_catalogs: dict = {}
+
+
 def count_images(store: Path) -> int:
+    """Images the store's catalog has acknowledged, read through one read-only connection."""
     from streamsim.catalog import Catalog
 
-    with Catalog.of_store(store) as cat:
-        return cat.count_images()
+    if store not in _catalogs:
+        _catalogs[store] = Catalog.of_store(store)
+    return _catalogs[store].count_images()
 
 
 def main(argv=None) -> int:
@@ -83,13 +88,17 @@ def main(argv=None) -> int:
 
         # 1. bulk drop
         bulk = make_pngs(staging / "bulk", args.bulk, seed=11, prefix="b")
+        bulk_px = images.load(bulk[-1]).pixels
         mover = ("import os, sys, time; src, dst = sys.argv[1], sys.argv[2]; print(time.time(), flush=True)\n"
                  "for n in sorted(os.listdir(src)): os.rename(os.path.join(src, n), os.path.join(dst, n))")
         prod = subprocess.run([sys.executable, "-c", mover, str(staging / "bulk"), str(inbox)], capture_output=True, text=True, check=True)
         t0 = float(prod.stdout.split()[0])
         while count_images(store) < args.bulk:
-            time.sleep(0.01)
+            time.sleep(0.02)
         t_all = time.time()
+        with Index.open(store, create=False) as reader:  # and searchable from this process
+            assert reader.search(bulk_px, k=1)[0].path == str(inbox / bulk[-1].name)
+        out["bulk_searchable_seconds"] = time.time() - t0
         out["bulk_files"] = args.bulk
         out["bulk_seconds"] = t_all - t0
         out["bulk_files_per_s"] = args.bulk / (t_all - t0)
@@ -124,7 +133,7 @@ def main(argv=None) -> int:
                 for p in made[start : start + 500]:
                     os.rename(p, inbox / p.name)
                 samples.append((time.time() - t_start, count_images(store) - base, rss_kb(watcher.pid)))
-                time.sleep(0.25)
+                time.sleep(0.5)
             deadline = time.time() + 600
             while count_images(store) - base < args.soak and time.time() < deadline:
                 samples.append((time.time() - t_start, count_images(store) - base, rss_kb(watcher.pid)))

@@ -274,7 +274,7 @@ class Index:
             flush_pending()
         return IngestReport(added, dups, failed)
 
-    def ingest_files(self, files: Sequence[tuple[str, int, int]]) -> list["FileOutcome"]:
+    def ingest_files(self, files: Sequence[tuple[str, int, int]], *, pool=None) -> list["FileOutcome"]:
         """Ingest files seen as ``(path, size, mtime_ns)``, journalling each outcome in the catalog.
 
         A file whose size or mtime changed while it was read is not stored (outcome ``"busy"``)
@@ -284,7 +284,7 @@ class Index:
         stats = {str(f[0]): (int(f[1]), int(f[2])) for f in files}
         out: list[FileOutcome] = []
         to_store: list[tuple[int, images.Loaded]] = []
-        for path, result in _load_all([Path(f[0]) for f in files]):
+        for path, result in _load_all([Path(f[0]) for f in files], pool=pool):
             path = str(path)
             seen, now = stats[path], _stat(path)
             if now is not None and now != seen:
@@ -588,18 +588,40 @@ def _load_or_error(path):
         return e
 
 
-def _load_all(files: list[Path]):
+def _exit_with_parent(parent: int) -> None:
+    """In a decoder worker: exit as soon as the process that started it is gone (even SIGKILLed),
+    so that no orphaned worker outlives a crashed watcher."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def decoder_pool():
+    """Worker processes for decoding images (decoding holds the GIL, so threads do not help)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(os.cpu_count() or 1, 8)
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+
+
+def _load_all(files: list[Path], pool=None):
     """``(path, Loaded | ImageError)`` for each file, in order. Large batches are decoded in worker
-    processes (decoding holds the GIL, so threads do not help) while this process stores."""
+    processes (``pool``, or a pool made for the call) while this process stores."""
+    if pool is not None and len(files) >= 16:
+        yield from zip(files, pool.map(_load_or_error, files, chunksize=max(1, len(files) // 16)))
+        return
     workers = min(os.cpu_count() or 1, 8)
     if len(files) < PARALLEL_LOAD_MIN or workers < 2:
         for f in files:
             yield f, _load_or_error(f)
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with decoder_pool() as pool:
         yield from zip(files, pool.map(_load_or_error, files, chunksize=64))
 
 

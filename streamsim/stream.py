@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import os
 import queue
+import re
+import stat as stat_module
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +42,7 @@ from . import images
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
 CREATED_SETTLE = 0.2
+POOL_MIN_BATCH = 64  # a batch this big starts worker processes for decoding (kept while watching)
 TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
 
 
@@ -78,13 +82,28 @@ class _Pending:
     closed: bool = False  # closed after writing, or renamed into place
 
 
-def wanted(name: str, patterns: tuple[str, ...]) -> bool:
-    """Whether a file name is one the watcher takes (not hidden/temporary; matching patterns)."""
-    if any(fnmatch.fnmatch(name, p) for p in TEMP_PATTERNS):
+_TEMP_RE = re.compile("|".join(fnmatch.translate(p) for p in TEMP_PATTERNS))
+
+
+@functools.lru_cache(maxsize=8)
+def _pattern_re(patterns: tuple[str, ...]):
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)) if patterns else None
+
+
+def wanted(name: str, patterns: tuple[str, ...] = ()) -> bool:
+    """Whether a file name is one the watcher takes (not hidden/temporary; matching patterns).
+
+    >>> wanted("scan.png"), wanted(".scan.png"), wanted("scan.png.part"), wanted("notes.txt")
+    (True, False, False, False)
+    >>> wanted("notes.txt", ("*.txt",))
+    True
+    """
+    if _TEMP_RE.match(name):
         return False
-    if patterns:
-        return any(fnmatch.fnmatch(name, p) for p in patterns)
-    return Path(name).suffix.lower() in images.IMAGE_SUFFIXES
+    pattern = _pattern_re(patterns)
+    if pattern is not None:
+        return pattern.match(name) is not None
+    return os.path.splitext(name)[1].lower() in images.IMAGE_SUFFIXES
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -92,7 +111,7 @@ def _stat(path: str) -> tuple[int, int] | None:
         st = os.stat(path)
     except OSError:
         return None
-    if not os.path.isfile(path):
+    if not stat_module.S_ISREG(st.st_mode):
         return None
     return (st.st_size, st.st_mtime_ns)
 
@@ -137,6 +156,7 @@ class Watcher:
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, tuple[int, int]] = index.catalog.journal()
         self._observer = None
+        self._pool = None
 
     # -- seeing files -------------------------------------------------------------------------
 
@@ -256,6 +276,9 @@ class Watcher:
         now = time.monotonic()
         out = []
         for path, p in list(self._pending.items()):
+            if p.closed:  # complete by its events; ingest re-checks size and mtime after reading
+                out.append((path, p.stat[0], p.stat[1]))
+                continue
             st = _stat(path)
             if st is None:
                 del self._pending[path]
@@ -281,7 +304,11 @@ class Watcher:
 
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
         stats = {f[0]: (f[1], f[2]) for f in files}
-        for outcome in self.index.ingest_files(files):
+        if self._pool is None and len(files) >= POOL_MIN_BATCH and (os.cpu_count() or 1) > 1:
+            from .index import decoder_pool
+
+            self._pool = decoder_pool()  # a bulk drop: decode in worker processes from now on
+        for outcome in self.index.ingest_files(files, pool=self._pool):
             if outcome.outcome == "busy":
                 p = self._pending.get(outcome.path)
                 if p is not None:
@@ -311,11 +338,17 @@ class Watcher:
                 self.ingest(batch)
             else:
                 time.sleep(0.05)
+        self._close_pool()
         self.index.flush()
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; then finish the batch in hand, save and return."""
         self._start_events()
+        if (os.cpu_count() or 1) > 1:
+            from .index import decoder_pool
+
+            self._pool = decoder_pool()
+            self._pool.submit(int)  # start the workers now, so the first bulk drop does not wait for them
         try:
             self.scan()
             last_scan = time.monotonic()
@@ -341,5 +374,11 @@ class Watcher:
                 self.index._maybe_save()
         finally:
             self._stop_events()
+            self._close_pool()
             self.index.flush()
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
