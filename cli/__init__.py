@@ -307,7 +307,7 @@ def watch(
                     sys.stdout.flush()
 
                 watcher = Watcher(index, config, emit)
-                watcher.run_once() if once else watcher.run(stop)
+                watcher.run_once(stop) if once else watcher.run(stop)
                 emit({"event": "stopped", "ingested": watcher.stats.ingested, "duplicates": watcher.stats.duplicates,
                       "failed": watcher.stats.failed, "time": time.time()})
             else:
@@ -339,7 +339,7 @@ def _watch_live(index, config, once: bool, stop) -> None:
             live.update(line())
 
         holder["w"] = watcher = Watcher(index, config, on_event)
-        watcher.run_once() if once else watcher.run(stop)
+        watcher.run_once(stop) if once else watcher.run(stop)
         live.update(line())
 
 

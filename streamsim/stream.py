@@ -329,10 +329,11 @@ class Watcher:
                 event["reason"] = outcome.reason
             self.on_event(event)
 
-    def run_once(self) -> None:
-        """Ingest what is in the folder now (waiting for files still being written), then return."""
+    def run_once(self, stop: threading.Event | None = None) -> None:
+        """Ingest what is in the folder now (waiting for files still being written), then return
+        (early, after the batch in hand, once ``stop`` is set)."""
         self.scan()
-        while self._pending:
+        while self._pending and not (stop is not None and stop.is_set()):
             batch = self.ready()[: self.config.batch_files]
             if batch:
                 self.ingest(batch)
