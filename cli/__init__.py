@@ -48,7 +48,9 @@ class _Errors:
         if isinstance(exc, KeyboardInterrupt):
             typer.echo("streamsim: interrupted", err=True)
             raise typer.Exit(130)
-        if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError)):
+        import sqlite3
+
+        if isinstance(exc, (ValueError, OSError, KeyError, RuntimeError, sqlite3.Error)):
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             typer.echo(f"streamsim: {msg}", err=True)
             raise typer.Exit(1)
@@ -300,7 +302,7 @@ def watch(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         config = WatchConfig(folder=folder, recursive=recursive, patterns=tuple(pattern or ()), settle=settle, rescan=rescan)
-        with _open(store) as index:
+        with lock, _open(store) as index:
             if as_json:
                 def emit(event):
                     sys.stdout.write(json.dumps(event) + "\n")
@@ -312,7 +314,6 @@ def watch(
                       "failed": watcher.stats.failed, "time": time.time()})
             else:
                 _watch_live(index, config, once, stop)
-        lock.close()
 
 
 def _watch_live(index, config, once: bool, stop) -> None:

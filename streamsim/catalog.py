@@ -101,7 +101,7 @@ class Catalog:
         if readonly:
             if not self.path.exists():
                 raise FileNotFoundError(f"{self.path}: no catalog here")
-            uri = f"file:{self.path}?mode=ro"
+            uri = self.path.absolute().as_uri() + "?mode=ro"
             self._db = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False, isolation_level=None)
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -359,18 +359,35 @@ class Catalog:
     def next_version(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(version), 0) + 1 FROM versions")[0][0])
 
-    def add_version(self, version: int, *, state: str, parent: int | None, reason: str, meta: dict) -> None:
+    def new_version(self, *, state: str, parent: int | None, reason: str, meta: dict | None = None) -> int:
+        """Take the next version number and record it, in one transaction (numbers never repeat,
+        even with several processes training at once)."""
         if state not in VERSION_STATES:
             raise ValueError(f"unknown version state {state!r}")
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO versions(version, state, parent, reason, created, meta) VALUES(?, ?, ?, ?, ?, ?)",
-                (int(version), state, parent, reason, time.time(), json.dumps(meta, sort_keys=True)),
-            )
-            db.execute(
-                "INSERT INTO events(time, kind, version, detail) VALUES(?, 'version_created', ?, ?)",
-                (time.time(), int(version), json.dumps({"reason": reason, "parent": parent})),
-            )
+            version = int(db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM versions").fetchone()[0])
+            self._insert_version(db, version, state, parent, reason, meta or {})
+        return version
+
+    def add_version(self, version: int, *, state: str, parent: int | None, reason: str, meta: dict,
+                    if_missing: bool = False) -> None:
+        if state not in VERSION_STATES:
+            raise ValueError(f"unknown version state {state!r}")
+        with self.transaction() as db:
+            if if_missing and db.execute("SELECT 1 FROM versions WHERE version = ?", (int(version),)).fetchone():
+                return
+            self._insert_version(db, int(version), state, parent, reason, meta)
+
+    @staticmethod
+    def _insert_version(db, version: int, state: str, parent, reason: str, meta: dict) -> None:
+        db.execute(
+            "INSERT INTO versions(version, state, parent, reason, created, meta) VALUES(?, ?, ?, ?, ?, ?)",
+            (int(version), state, parent, reason, time.time(), json.dumps(meta, sort_keys=True)),
+        )
+        db.execute(
+            "INSERT INTO events(time, kind, version, detail) VALUES(?, 'version_created', ?, ?)",
+            (time.time(), int(version), json.dumps({"reason": reason, "parent": parent})),
+        )
 
     def set_version_state(self, version: int, state: str) -> None:
         if state not in VERSION_STATES:

@@ -196,11 +196,18 @@ def copy_shipped(root: str | Path, version: int = 1) -> Path:
     if is_complete(dst):
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".copying")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.md", "__pycache__", "*.py"))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.copying-"))
+    try:
+        shutil.copytree(src, tmp / "v", ignore=shutil.ignore_patterns("*.md", "__pycache__", "*.py"))
+        if not is_complete(dst):  # another process may have finished the same copy first
+            shutil.rmtree(dst, ignore_errors=True)
+            try:
+                os.replace(tmp / "v", dst)
+            except OSError:
+                if not is_complete(dst):
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 

@@ -54,8 +54,8 @@ class Match:
 @dataclass(frozen=True)
 class FileOutcome:
     """What ingesting one file did: ``stored``, ``duplicate`` (same bytes already stored; the path
-    was recorded as another path of ``id``), ``failed`` (with ``reason``) or ``busy`` (the file
-    changed while it was read; offer it again)."""
+    was recorded as another path of ``id``), ``failed`` (with ``reason``), ``busy`` (the file
+    changed while it was read; offer it again) or ``gone`` (removed before it could be read)."""
 
     path: str
     outcome: str
@@ -129,7 +129,9 @@ class Index:
             if not self.catalog.versions():
                 d = encoders.copy_shipped(enc_root, 1)
                 meta = encoders.read_meta(d)
-                self.catalog.add_version(1, state="ready", parent=None, reason="shipped", meta=_summary(meta))
+                # another process may be bootstrapping the same store: first one wins
+                self.catalog.add_version(1, state="ready", parent=None, reason="shipped", meta=_summary(meta),
+                                         if_missing=True)
             ready = [v["version"] for v in self.catalog.versions() if v["state"] in ("ready", "active")]
             if not ready:
                 raise StoreError(f"{self.root}: no usable encoder version; see `streamsim versions`")
@@ -159,9 +161,11 @@ class Index:
     def close(self) -> None:
         """Write pending vectors and close the catalog."""
         with self._lock:
-            if self._vectors is not None and self._vectors.dirty:
-                self._vectors.save()
-            self.catalog.close()
+            try:
+                if self._vectors is not None and self._vectors.dirty:
+                    self._vectors.save()
+            finally:
+                self.catalog.close()
 
     def __enter__(self) -> "Index":
         return self
@@ -220,6 +224,7 @@ class Index:
                     self._vectors.save()
                 self._vectors = Vectors.open(self._vectors_path(version), self.encoder(version).dim)
                 self._vectors_version = version
+                self._known_max = 0  # another version's file: check every id again (cheap: contains)
             return self._vectors
 
     # -- adding -------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ class Index:
         files = list(images.iter_image_files(paths, recursive=recursive))
         for path, result in _load_all(files):
             if isinstance(result, images.ImageError):
-                where = str(Path(path).absolute())
+                where = os.path.realpath(path)  # the same key a later success uses
                 failed.append((where, result.reason))
                 self.catalog.record_failure(where, result.reason, stat=_stat(where))
                 if on_file:
@@ -287,17 +292,16 @@ class Index:
         for path, result in _load_all([Path(f[0]) for f in files], pool=pool):
             path = str(path)
             seen, now = stats[path], _stat(path)
-            if now is not None and now != seen:
+            if now is None:
+                out.append(FileOutcome(path, "gone", None, None))  # removed before we could read it
+            elif now != seen:
                 out.append(FileOutcome(path, "busy", None, None))  # still being written
             elif isinstance(result, images.ImageError):
-                reason = result.reason if now is not None else "vanished before it could be read"
-                self.catalog.record_failure(path, reason, stat=seen)
-                out.append(FileOutcome(path, "failed", None, reason))
-            elif now is None:
-                out.append(FileOutcome(path, "failed", None, "vanished while it was read"))
-                self.catalog.record_failure(path, "vanished while it was read", stat=seen)
+                self.catalog.record_failure(path, result.reason, stat=seen)
+                out.append(FileOutcome(path, "failed", None, result.reason))
             else:
-                to_store.append((len(out), result))
+                # journal and first path under the name it was seen by (a symlink stays a symlink)
+                to_store.append((len(out), dataclasses.replace(result, path=path)))
                 out.append(FileOutcome(path, "pending", None, None))
         if to_store:
             stored = self._store([x for _, x in to_store], journal=[stats[out[i].path] for i, _ in to_store])
@@ -499,9 +503,8 @@ class Index:
         if len(pixels) == 0:
             raise StoreError("nothing to train on: the data (or the store) holds no images")
         parent = self.active_version
-        with self._lock:
-            version = self.catalog.next_version()
-            self.catalog.add_version(version, state="building", parent=parent, reason=reason, meta={})
+        version = self.catalog.new_version(state="building", parent=parent, reason=reason)
+        ready = False
         try:
             if arch is None:
                 model = _clone_model(self.encoder(parent))
@@ -523,10 +526,12 @@ class Index:
                 self._build_vectors(version)  # catch up images added during the build
                 self.catalog.update_version_meta(version, **_summary(meta))
                 self.catalog.set_version_state(version, "ready")
-                if activate:
-                    self._switch(version, kind="activated")
+            ready = True
+            if activate:
+                self._switch(version, kind="activated")
         except BaseException:
-            self.catalog.set_version_state(version, "failed")
+            if not ready:
+                self.catalog.set_version_state(version, "failed")
             raise
         return version
 
@@ -591,6 +596,10 @@ def _load_or_error(path):
 def _exit_with_parent(parent: int) -> None:
     """In a decoder worker: exit as soon as the process that started it is gone (even SIGKILLed),
     so that no orphaned worker outlives a crashed watcher."""
+
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
 
     def watch():
         while os.getppid() == parent:

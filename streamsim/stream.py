@@ -209,8 +209,14 @@ class Watcher:
     def _offer(self, path: str, kind: str, now: float) -> None:
         if not wanted(os.path.basename(path), self.config.patterns):
             return
-        if not self.config.recursive and os.path.dirname(path) != str(self.config.folder):
-            return
+        folder = str(self.config.folder)
+        parent = os.path.dirname(path)
+        if parent != folder:
+            if not self.config.recursive:
+                return
+            rel = os.path.relpath(parent, folder)
+            if rel.startswith("..") or any(part.startswith(".") for part in rel.split(os.sep)):
+                return  # outside the folder, or inside a hidden sub-folder
         st = _stat(path)
         if st is None:
             self._pending.pop(path, None)
@@ -227,7 +233,8 @@ class Watcher:
             return
         p.by_event = True
         if kind == "opened":
-            p.writing, p.modified = True, False
+            if not p.writing:  # a reader opening a file being written must not reset the writer's state
+                p.writing, p.modified = True, False
         elif kind == "modified":
             p.writing, p.modified, p.closed = True, True, False
         elif kind == "closed":
@@ -314,6 +321,9 @@ class Watcher:
                 if p is not None:
                     p.closed, p.stable_since = False, time.monotonic()
                 continue
+            if outcome.outcome == "gone":
+                self._pending.pop(outcome.path, None)
+                continue
             self._pending.pop(outcome.path, None)
             self._done[outcome.path] = stats[outcome.path]
             if outcome.outcome == "stored":
@@ -333,14 +343,16 @@ class Watcher:
         """Ingest what is in the folder now (waiting for files still being written), then return
         (early, after the batch in hand, once ``stop`` is set)."""
         self.scan()
-        while self._pending and not (stop is not None and stop.is_set()):
-            batch = self.ready()[: self.config.batch_files]
-            if batch:
-                self.ingest(batch)
-            else:
-                time.sleep(0.05)
-        self._close_pool()
-        self.index.flush()
+        try:
+            while self._pending and not (stop is not None and stop.is_set()):
+                batch = self.ready()[: self.config.batch_files]
+                if batch:
+                    self.ingest(batch)
+                else:
+                    time.sleep(0.05)
+        finally:
+            self._close_pool()
+            self.index.flush()
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; then finish the batch in hand, save and return."""

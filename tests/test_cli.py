@@ -101,3 +101,12 @@ def test_help_is_instant_and_imports_no_jax(tmp_path):
     exe = Path(sys.executable).parent / "streamsim"  # the installed console script
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0 and "search" in res.stdout
+
+
+def test_a_damaged_catalog_is_a_one_line_error(tmp_path):
+    store = tmp_path / "we#ird?store"
+    store.mkdir()
+    (store / "catalog.sqlite").write_bytes(b"this is not a database" * 100)
+    res = run("status", "--json", store=store)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +157,30 @@ def test_bulk_add_in_worker_processes(tmp_path, digits, monkeypatch):
         assert [p for p, _ in report.failed] == [str(tmp_path / "bulk" / "zz_bad.png")]
         assert len(seen) == 32
         assert index.search(files[9], k=1)[0].path == str(files[9].resolve())
+
+
+def test_a_fixed_file_clears_its_failure_whatever_path_spelling(tmp_path, digit_files, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    bad = tmp_path / "later.png"
+    bad.write_bytes(b"garbage")
+    monkeypatch.chdir(work)
+    with Index.open(tmp_path / "s") as index:
+        index.add_files([Path("..") / "later.png"])
+        assert index.catalog.count_failures() == 1
+        bad.write_bytes(digit_files[0].read_bytes())
+        index.add_files([Path("..") / "later.png"])
+        assert index.catalog.count_failures() == 0 and len(index) == 1
+
+
+def test_version_numbers_are_taken_atomically(tmp_path):
+    from streamsim.catalog import Catalog
+
+    a = Catalog(tmp_path / "c.sqlite")
+    b = Catalog(tmp_path / "c.sqlite")
+    got = [a.new_version(state="building", parent=None, reason="manual"),
+           b.new_version(state="building", parent=None, reason="manual")]
+    assert got == [1, 2]
+    a.add_version(1, state="ready", parent=None, reason="shipped", meta={}, if_missing=True)  # no error
+    a.close()
+    b.close()

@@ -194,3 +194,52 @@ def test_second_watcher_on_the_same_store_is_refused(tmp_path):
         assert out.returncode != 0 and "already running" in out.stderr and "Traceback" not in out.stderr
     finally:
         assert w.stop() == 0
+
+
+@pytest.fixture
+def watcher(tmp_path):
+    from streamsim.stream import Watcher, WatchConfig
+
+    inbox = tmp_path / "inbox"
+    (inbox / ".staging").mkdir(parents=True)
+    (inbox / "sub").mkdir()
+    index = Index.open(tmp_path / "store")
+    yield Watcher(index, WatchConfig(folder=inbox, recursive=True, settle=0.3)), inbox
+    index.close()
+
+
+def test_readiness_follows_the_writer_not_its_readers(watcher, digits):
+    w, inbox = watcher
+    path = str(inbox / "a.png")
+    Path(path).write_bytes(png_bytes(digits[0][0]))
+    now = time.monotonic()
+    for kind in ("created", "opened", "modified", "opened", "closed_no_write"):  # a reader peeks mid-write
+        w._offer(path, kind, now)
+    w._pending[path].stable_since -= 5  # quiet for a while: still being written, not ready
+    assert w.ready() == []
+    w._offer(path, "closed", time.monotonic())
+    assert [f[0] for f in w.ready()] == [path]
+    # moved in from elsewhere: only a created event, never opened here
+    moved = str(inbox / "b.png")
+    Path(moved).write_bytes(png_bytes(digits[0][1]))
+    w._offer(moved, "created", time.monotonic() - 1)
+    assert moved in [f[0] for f in w.ready()]
+
+
+def test_hidden_folders_and_temporary_names_are_ignored(watcher, digits):
+    w, inbox = watcher
+    for rel in (".staging/x.png", "sub/.y.png", "sub/z.png.part", "sub/ok.png"):
+        (inbox / rel).write_bytes(png_bytes(digits[0][2]))
+        w._offer(str(inbox / rel), "closed", time.monotonic())
+    assert list(w._pending) == [str(inbox / "sub" / "ok.png")]
+
+
+def test_a_file_removed_before_it_is_read_is_not_a_failure(watcher, digits):
+    w, inbox = watcher
+    p = inbox / "brief.png"
+    p.write_bytes(png_bytes(digits[0][3]))
+    w._offer(str(p), "closed", time.monotonic())
+    batch = w.ready()
+    p.unlink()
+    w.ingest(batch)
+    assert w.stats.failed == 0 and not w._pending and w.index.catalog.count_failures() == 0
