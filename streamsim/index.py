@@ -76,10 +76,6 @@ class IngestReport:
         return len(self.added) + len(self.duplicates) + len(self.failed)
 
 
-def _is_batch_array(images_: Any) -> bool:
-    return isinstance(images_, np.ndarray) and images_.ndim == 3 and images_.dtype == np.uint8 and images_.shape[-1] not in (1, 3, 4)
-
-
 class Index:
     """A searchable store of character images. Open with :meth:`Index.open`."""
 
@@ -236,8 +232,7 @@ class Index:
     def add_many(self, images_: Iterable[Any] | np.ndarray) -> list[int]:
         """Store several images; returns their ids in order. Raises :class:`ImageError` on bad input
         before anything of the batch is stored."""
-        items = list(images_) if not _is_batch_array(images_) else list(images_)
-        loaded = [images.load(x) for x in items]
+        loaded = [images.load(x) for x in images_]  # a uint8 [N, H, W] array iterates image by image
         return [s.id for s in self._store(loaded)]
 
     def add_files(self, paths: Iterable[str | os.PathLike], *, recursive: bool = True, batch: int = 512,
