@@ -52,7 +52,6 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     from streamsim import model as M

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -24,10 +23,6 @@ COPY_CORRUPTIONS = dict(
 )
 COPY_QUANTILE = 0.99
 DISTINCT_QUANTILE = 0.02
-
-
-def pixels_digest(pixels: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(pixels, np.uint8).tobytes()).hexdigest()
 
 
 def perturbed_copies(pixels: np.ndarray, *, seed: int = 0, **overrides: Any) -> np.ndarray:

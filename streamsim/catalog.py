@@ -199,10 +199,6 @@ class Catalog:
     def max_image_id(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(id), 0) FROM images")[0][0])
 
-    def find_digest(self, digest: str) -> int | None:
-        rows = self._query("SELECT id FROM images WHERE digest = ?", (digest,))
-        return int(rows[0][0]) if rows else None
-
     def find_pixels(self, pixels: np.ndarray) -> list[int]:
         """Ids of stored images whose normalised pixels are exactly these."""
         rows = self._query("SELECT id FROM images WHERE pixel_digest = ? ORDER BY id", (pixel_digest(pixels),))
@@ -299,13 +295,6 @@ class Catalog:
                 out.append({"ids": ids_sorted, "paths": paths})
         return sorted(out, key=lambda g: g["ids"][0])
 
-    def alias_groups(self) -> list[dict[str, Any]]:
-        """Images stored under more than one path: identical files."""
-        rows = self._query(
-            "SELECT image_id, group_concat(path, char(10)) FROM paths GROUP BY image_id HAVING COUNT(*) > 1 ORDER BY image_id"
-        )
-        return [{"id": int(r[0]), "paths": sorted(r[1].split("\n"))} for r in rows]
-
     # -- failures ----------------------------------------------------------------------------
 
     def record_failure(self, path: str, reason: str, *, stat: tuple[int, int] | None = None,
@@ -333,13 +322,11 @@ class Catalog:
 
     # -- versions ----------------------------------------------------------------------------
 
+    def _json_rows(self, sql: str, field: str) -> list[dict[str, Any]]:
+        return [{**dict(r), field: json.loads(r[field])} for r in self._query(sql)]
+
     def versions(self) -> list[dict[str, Any]]:
-        out = []
-        for r in self._query("SELECT version, state, parent, reason, created, meta FROM versions ORDER BY version"):
-            d = dict(r)
-            d["meta"] = json.loads(d["meta"])
-            out.append(d)
-        return out
+        return self._json_rows("SELECT version, state, parent, reason, created, meta FROM versions ORDER BY version", "meta")
 
     def version_rows(self) -> list[dict[str, Any]]:
         """Versions flattened for people and JSON: ``version``, ``state``, ``parent``, ``reason``,
@@ -430,20 +417,7 @@ class Catalog:
             )
 
     def events(self) -> list[dict[str, Any]]:
-        out = []
-        for r in self._query("SELECT time, kind, version, image_id, path, detail FROM events ORDER BY id"):
-            d = dict(r)
-            d["detail"] = json.loads(d["detail"])
-            out.append(d)
-        return out
-
-    def get_meta(self, key: str) -> str | None:
-        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
-        return rows[0][0] if rows else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES(?, ?)", (key, value))
+        return self._json_rows("SELECT time, kind, version, image_id, path, detail FROM events ORDER BY id", "detail")
 
 
 class _Transaction:

@@ -229,7 +229,3 @@ def discard_incomplete(root: str | Path) -> list[Path]:
             removed.append(d)
     return removed
 
-
-def remove(root: str | Path, version: int) -> None:
-    """Delete a version's checkpoint (retention). The caller decides what may be deleted."""
-    shutil.rmtree(version_dir(root, version), ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -135,22 +136,33 @@ class Index:
 
     def _reconcile(self) -> None:
         """Bring the active version's vectors in line with the catalog (after a crash, say)."""
-        v = self.active_version
-        vectors = self._vectors_for(v)
+        _, self._known_max = self._sync_vectors(self.active_version)
+
+    def _sync_vectors(self, version: int):
+        """Make ``version``'s vectors hold exactly the catalog's images, and write them.
+
+        Only the missing images are read and encoded; ids the catalog no longer has are removed.
+        Returns the :class:`~streamsim.vectors.Vectors` (the loaded one when ``version`` is active)
+        and the highest image id it now holds.
+        """
+        from .vectors import Vectors
+
+        enc = self.encoder(version)
+        path = self._vectors_path(version)
+        vectors = self._vectors if self._vectors_version == version else Vectors.open(path, enc.dim)
         stored = self.catalog.ids()
         have = vectors.keys().astype(np.int64)
         extra = np.setdiff1d(have, stored)
         if len(extra):
             vectors.remove(extra)
         missing = np.setdiff1d(stored, have)
-        if len(missing):
-            enc = self.encoder(v)
-            for start in range(0, len(missing), 4096):
-                ids = missing[start : start + 4096]
-                vectors.add(ids, enc(self.catalog.pixels(ids)))
-        if vectors.dirty:
+        for start in range(0, len(missing), 4096):
+            ids = missing[start : start + 4096]
+            vectors.add(ids, enc(self.catalog.pixels(ids)))
+        if vectors.dirty or not path.exists():
+            vectors.dirty = True
             vectors.save()
-        self._known_max = int(stored.max()) if len(stored) else 0
+        return vectors, int(stored.max()) if len(stored) else 0
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -262,12 +274,12 @@ class Index:
             if isinstance(result, images.ImageError):
                 where = os.path.realpath(path)  # the same key a later success uses
                 failed.append((where, result.reason))
-                self.catalog.record_failure(where, result.reason, stat=_stat(where))
+                self.catalog.record_failure(where, result.reason, stat=file_stat(where))
                 if on_file:
                     on_file(where, result.reason, None)
             else:
                 pending.append(result)
-                pending_stats.append(_stat(result.path))
+                pending_stats.append(file_stat(result.path))
             if len(pending) >= batch:
                 flush_pending()
         if pending:
@@ -286,7 +298,7 @@ class Index:
         to_store: list[tuple[int, images.Loaded]] = []
         for path, result in _load_all([Path(f[0]) for f in files], pool=pool):
             path = str(path)
-            seen, now = stats[path], _stat(path)
+            seen, now = stats[path], file_stat(path)
             if now is None:
                 out.append(FileOutcome(path, "gone", None, None))  # removed before we could read it
             elif now != seen:
@@ -443,40 +455,6 @@ class Index:
             for row in hits
         ]
 
-    def duplicate_groups(self) -> list[list[int]]:
-        """Groups (size ≥ 2) of stored images that are copies of each other in ``duplicate`` mode."""
-        with self._lock:
-            v = self.active_version
-            threshold = float(self.meta(v).get("duplicate_threshold", 0.0))
-            vectors = self._vectors_for(v)
-            enc = self.encoder(v)
-            parent: dict[int, int] = {}
-
-            def find(a):
-                while parent.get(a, a) != a:
-                    parent[a] = parent.get(parent[a], parent[a])
-                    a = parent[a]
-                return a
-
-            def union(a, b):
-                ra, rb = find(a), find(b)
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-
-            for group in self.catalog.identical_groups():
-                for other in group[1:]:
-                    union(group[0], other)
-            for ids, px in self.catalog.iter_pixels():
-                keys, dist = vectors.search(enc(px), 8)
-                for i, key_row in enumerate(keys):
-                    for key, d in zip(key_row, dist[i]):
-                        if key >= 0 and int(key) != int(ids[i]) and d <= threshold:
-                            union(int(ids[i]), int(key))
-            groups: dict[int, list[int]] = {}
-            for a in list(parent):
-                groups.setdefault(find(a), []).append(a)
-            return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
-
     # -- versions -----------------------------------------------------------------------------
 
     def train(self, pixels: np.ndarray | None = None, *, epochs: int = 10, activate: bool = True,
@@ -489,7 +467,6 @@ class Index:
         are built from the catalog's pixels, then (with ``activate``) it becomes active.
         """
         from . import train as T
-        from .calibrate import calibrate
         from .model import Encoder, build
 
         if pixels is None:
@@ -516,9 +493,10 @@ class Index:
             encoders.save(model, encoders.version_dir(self.root / "encoders", version), meta)
             self._metas[version] = meta
             self._encoders[version] = enc
-            self._build_vectors(version)
+            # built while the active version keeps serving; images added meanwhile are caught up
+            # when this version is switched to (now, or by a later rollback)
+            self._sync_vectors(version)
             with self._lock:
-                self._build_vectors(version)  # catch up images added during the build
                 self.catalog.update_version_meta(version, **_summary(meta))
                 self.catalog.set_version_state(version, "ready")
             ready = True
@@ -530,32 +508,13 @@ class Index:
             raise
         return version
 
-    def _build_vectors(self, version: int) -> None:
-        from .vectors import Vectors
-
-        enc = self.encoder(version)
-        path = self._vectors_path(version)
-        vectors = self._vectors if self._vectors_version == version else Vectors.open(path, enc.dim)
-        have = vectors.keys().astype(np.int64)
-        for ids, px in self.catalog.iter_pixels():
-            todo = ~np.isin(ids, have)
-            if todo.any():
-                vectors.add(ids[todo], enc(px[todo]))
-        extra = np.setdiff1d(have, self.catalog.ids())
-        if len(extra):
-            vectors.remove(extra)
-        if vectors.dirty or not path.exists():
-            vectors.dirty = True
-            vectors.save()
-
     def _switch(self, version: int, *, kind: str) -> None:
         with self._lock:
-            self._build_vectors(version)
-            if self._vectors is not None and self._vectors.dirty:
+            vectors, _ = self._sync_vectors(version)
+            if self._vectors is not None and self._vectors is not vectors and self._vectors.dirty:
                 self._vectors.save()
             self.catalog.activate(version, kind=kind)
-            self._vectors_for(version)
-            self._known_max = 0
+            self._vectors, self._vectors_version, self._known_max = vectors, version, 0
             self._catch_up(version)
 
     def rollback(self, version: int) -> None:
@@ -570,10 +529,13 @@ class Index:
         self._switch(version, kind="rollback")
 
 
-def _stat(path: str) -> tuple[int, int] | None:
+def file_stat(path: str) -> tuple[int, int] | None:
+    """``(size, mtime_ns)`` of a regular file, or ``None`` if it is gone or not a regular file."""
     try:
         st = os.stat(path)
     except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     return (st.st_size, st.st_mtime_ns)
 

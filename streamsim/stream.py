@@ -30,7 +30,6 @@ import functools
 import os
 import queue
 import re
-import stat as stat_module
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from . import images
+from .index import file_stat
 
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
@@ -106,16 +106,6 @@ def wanted(name: str, patterns: tuple[str, ...] = ()) -> bool:
     return os.path.splitext(name)[1].lower() in images.IMAGE_SUFFIXES
 
 
-def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat_module.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
 class WatchLockError(RuntimeError):
     """Another watcher holds this store."""
 
@@ -168,32 +158,14 @@ class Watcher:
 
         events = self._events
 
+        kinds = {"created", "opened", "modified", "closed", "closed_no_write"}
+
         class Handler(FileSystemEventHandler):
-            def on_created(self, event):
-                if not event.is_directory:
-                    events.put(("created", event.src_path))
-
-            def on_opened(self, event):
-                if not event.is_directory:
-                    events.put(("opened", event.src_path))
-
-            def on_modified(self, event):
-                if not event.is_directory:
-                    events.put(("modified", event.src_path))
-
-            def on_closed(self, event):
-                if not event.is_directory:
-                    events.put(("closed", event.src_path))
-
-            def on_closed_no_write(self, event):
-                if not event.is_directory:
-                    events.put(("closed_no_write", event.src_path))
-
-            def on_moved(self, event):
-                if not event.is_directory:
-                    events.put(("closed", event.dest_path))
-                else:
-                    events.put(("rescan", event.dest_path))
+            def on_any_event(self, event):
+                if event.event_type == "moved":  # renamed into place: complete
+                    events.put(("rescan", event.dest_path) if event.is_directory else ("closed", event.dest_path))
+                elif not event.is_directory and event.event_type in kinds:
+                    events.put((event.event_type, event.src_path))
 
         self._observer = Observer()
         self._observer.schedule(Handler(), str(self.config.folder), recursive=self.config.recursive)
@@ -217,7 +189,7 @@ class Watcher:
             rel = os.path.relpath(parent, folder)
             if rel.startswith("..") or any(part.startswith(".") for part in rel.split(os.sep)):
                 return  # outside the folder, or inside a hidden sub-folder
-        st = _stat(path)
+        st = file_stat(path)
         if st is None:
             self._pending.pop(path, None)
             return
@@ -286,7 +258,7 @@ class Watcher:
             if p.closed:  # complete by its events; ingest re-checks size and mtime after reading
                 out.append((path, p.stat[0], p.stat[1]))
                 continue
-            st = _stat(path)
+            st = file_stat(path)
             if st is None:
                 del self._pending[path]
                 continue
