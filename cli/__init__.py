@@ -161,8 +161,28 @@ def _status_data(store: Path) -> dict:
             "files": cat.count_paths(),
             "failed": cat.count_failures(),
             "active_version": cat.active_version(),
+            "drift": _drift_summary(cat),
             "versions": cat.version_rows(),
         }
+
+
+DRIFT_WINDOW = 200  # images: the current drift score is the mean normalised score of the latest ones
+
+
+def _drift_summary(cat, window: int = DRIFT_WINDOW) -> dict:
+    """The current drift score (mean normalised reconstruction score of the active version's latest
+    ``window`` images; about 0 on images like its reference) and the latest alarm."""
+    active = cat.active_version()
+    s = cat.score_stream(last=window)
+    mine = s["score"][s["version"] == active]
+    alarms = [e for e in cat.events() if e["kind"] == "drift"]
+    last = alarms[-1] if alarms else None
+    return {
+        "score": round(float(mine.mean()), 4) if len(mine) else None,
+        "window": int(len(mine)),
+        "alarms": len(alarms),
+        "last_alarm": {k: last[k] for k in ("time", "version", "image_id", "path")} if last else None,
+    }
 
 
 @app.command()
@@ -179,11 +199,16 @@ def status(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> N
         typer.echo(f"failed          {data['failed']}")
         typer.echo(f"active version  {data['active_version']}")
         typer.echo(f"versions        {len(data['versions'])}")
+        d = data["drift"]
+        score = "-" if d["score"] is None else f"{d['score']:+.2f} (mean of the last {d['window']} images; ~0 is like the reference)"
+        typer.echo(f"drift score     {score}")
+        typer.echo(f"drift alarms    {d['alarms']}")
 
 
 @app.command()
 def versions(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
-    """Encoder versions: number, state, parent, reason, created."""
+    """Encoder versions: number, parent, state, reason, created, training summary and the
+    validation numbers of a fine-tune (error on recent and on reference images, before → after)."""
     with _Errors():
         rows = _status_data(store)["versions"]
         if as_json:
@@ -193,13 +218,126 @@ def versions(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) ->
         from rich.table import Table
 
         table = Table(title="encoder versions")
-        for col in ("version", "state", "parent", "reason", "created", "arch", "images trained on"):
+        for col in ("v", "state", "parent", "reason", "created", "arch", "trained on", "loss", "recent err", "ref err"):
             table.add_column(col)
         for v in rows:
-            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["created"]))
+            created = time.strftime("%m-%d %H:%M", time.localtime(v["created"]))
+            val = v.get("validation") or {}
+            recent = f"{val['recent_error_before']:.3f}→{val['recent_error_after']:.3f}" if val else "-"
+            ref = f"{val['reference_error_before']:.3f}→{val['reference_error_after']:.3f}" if val else "-"
+            loss = v.get("final_loss")
             table.add_row(str(v["version"]), v["state"], str(v["parent"] or "-"), v["reason"], created,
-                          str(v.get("arch", "")), str((v.get("training") or {}).get("count", "")))
+                          str(v.get("arch", "")), str((v.get("training") or {}).get("count", "")),
+                          "-" if loss is None else f"{loss:.3f}", recent, ref)
         Console().print(table)
+
+
+@app.command()
+def events(
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", help="Only events of this kind (repeatable).")] = None,
+    last: Annotated[Optional[int], typer.Option("--last", min=1, help="Only the latest N events.")] = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """The store's event log: drift alarms, versions created, activated, rolled back, rejected, retired."""
+    with _Errors():
+        with _catalog(store) as cat:
+            rows = [{k: e[k] for k in ("time", "kind", "version", "image_id", "path")} | e["detail"]
+                    for e in cat.events() if not kind or e["kind"] in kind]
+        rows = rows[-last:] if last else rows
+        if as_json:
+            _print_json(rows)
+            return
+        for e in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["time"]))
+            extra = " ".join(f"{k}={e[k]}" for k in e if k not in ("time", "kind", "version", "image_id", "path")
+                             and not isinstance(e[k], (dict, list)))
+            where = f" image {e['image_id']}" if e["image_id"] is not None else ""
+            where += f" ({e['path']})" if e["path"] else ""
+            typer.echo(f"{when}  {e['kind']:<16} v{e['version'] if e['version'] is not None else '-'}{where} {extra}".rstrip())
+
+
+@app.command()
+def drift(
+    plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of the score over the stream, alarms and swaps marked.")] = None,
+    window: Annotated[int, typer.Option("--window", min=1, help="Images in the current drift score.")] = DRIFT_WINDOW,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """The normalised reconstruction score of incoming images: current level, alarms, and a plot."""
+    with _Errors():
+        with _catalog(store) as cat:
+            summary = _drift_summary(cat, window)
+            if plot is not None:
+                from streamsim.drift import plot_stream
+
+                plot_stream(cat.score_stream(), cat.events(), plot)
+                summary["plot"] = str(plot)
+        if as_json:
+            _print_json(summary)
+            return
+        score = "-" if summary["score"] is None else f"{summary['score']:+.2f}"
+        typer.echo(f"drift score {score} (mean of the last {summary['window']} images); {summary['alarms']} alarms")
+        if summary["last_alarm"]:
+            a = summary["last_alarm"]
+            typer.echo(f"last alarm: image {a['image_id']} ({a['path']}) under version {a['version']}")
+        if plot is not None:
+            typer.echo(f"plot written to {plot}")
+
+
+@app.command()
+def retrain(
+    since: Annotated[Optional[int], typer.Option("--since", help="First image id of the change (default: the last drift alarm's change point, else images since the last switch).")] = None,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
+    replay: Annotated[float, typer.Option("--replay", min=0.0, help="Older images replayed, as a multiple of the recent ones.")] = 1.0,
+    margin: Annotated[float, typer.Option("--margin", min=0.0, help="Allowed relative rise of the error on older (reference) images.")] = 0.05,
+    activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make the new version active if it passes the gate.")] = True,
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Keep the index files of only the N newest versions (checkpoints are kept).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Fine-tune the active encoder on the images since a change (plus a replay of older ones);
+    promote it only if the validation gate passes, re-encoding every image into its index."""
+    with _Errors():
+        with _open(store, create=False) as index:
+            parent = index.active_version
+            r = index.retrain(since=since, epochs=epochs, replay=replay, margin=margin, activate=activate,
+                              keep=keep, seed=seed)
+            result = {"version": r.version, "parent": parent, "state": r.state, "active_version": index.active_version,
+                      "rejected_because": r.rejected_because, "validation": r.validation, "seconds": round(r.seconds, 2)}
+        if as_json:
+            _print_json(result)
+        else:
+            v = r.validation
+            typer.echo(f"version {r.version}: {r.state}"
+                       + (f" ({r.rejected_because})" if r.rejected_because else "")
+                       + f"; recent error {v['recent_error_before']:.4f} → {v['recent_error_after']:.4f}, "
+                       f"reference error {v['reference_error_before']:.4f} → {v['reference_error_after']:.4f}; "
+                       f"active version {result['active_version']} ({result['seconds']:.1f}s)")
+        if r.state == "rejected":
+            raise typer.Exit(2)
+
+
+@app.command()
+def rollback(
+    version: Annotated[int, typer.Argument(help="The version to make active (older or newer: roll back or forward).")],
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Then keep the index files of only the N newest versions.")] = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Make VERSION's encoder and index active together (the index is rebuilt if it was pruned)."""
+    with _Errors():
+        with _open(store, create=False) as index:
+            previous = index.active_version
+            t0 = time.perf_counter()
+            index.rollback(version, keep=keep)
+            result = {"active_version": index.active_version, "previous": previous,
+                      "seconds": round(time.perf_counter() - t0, 2)}
+        if as_json:
+            _print_json(result)
+        else:
+            typer.echo(f"active version {result['active_version']} (was {previous})")
 
 
 @app.command()
@@ -286,9 +424,12 @@ def watch(
     settle: Annotated[float, typer.Option("--settle", help="Seconds a file found by a rescan must stay unchanged.")] = 1.0,
     rescan: Annotated[float, typer.Option("--rescan", help="Seconds between rescans of the folder.")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+    retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="Fine-tune in the background after a drift alarm.")] = True,
+    keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="After a swap keep the index files of only the N newest versions.")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
-    """Ingest every image that lands in FOLDER, once, until SIGINT/SIGTERM (or with --once, now)."""
+    """Ingest every image that lands in FOLDER, once, until SIGINT/SIGTERM (or with --once, now);
+    watch the reconstruction error for drift and fine-tune when it drifts."""
     import signal
     import threading
 
@@ -301,7 +442,8 @@ def watch(
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        config = WatchConfig(folder=folder, recursive=recursive, patterns=tuple(pattern or ()), settle=settle, rescan=rescan)
+        config = WatchConfig(folder=folder, recursive=recursive, patterns=tuple(pattern or ()), settle=settle,
+                             rescan=rescan, retrain=retrain, keep=keep)
         with lock, _open(store) as index:
             if as_json:
                 def emit(event):
@@ -335,6 +477,9 @@ def _watch_live(index, config, once: bool, stop) -> None:
 
     with Live(line(), console=Console(), refresh_per_second=4, transient=False) as live:
         def on_event(event):
+            if event["event"] not in ("stored", "duplicate", "failed", "watching"):  # drift and versions
+                detail = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "time", "validation"))
+                live.console.print(f"{event['event']}: {detail}", markup=False, highlight=False)
             if event["event"] == "failed":
                 live.console.print(f"[red]{event['path']}: {event['reason']}[/red]") if live.console.is_terminal else err.print(f"{event['path']}: {event['reason']}", markup=False, highlight=False)
             live.update(line())

@@ -1,7 +1,8 @@
 """Per-version numbers computed when an encoder version is made, stored in its metadata.
 
-- ``reference`` — reconstruction-error statistics on a reference sample (what drift detection
-  compares incoming images against);
+- ``reference`` — reconstruction-error statistics on a reference sample;
+- ``drift_reference`` — the fit that turns an image's reconstruction error and ink into its
+  normalised drift score (:class:`streamsim.drift.Normaliser`), on the same sample;
 - ``duplicate_threshold`` — the largest cosine distance at which ``duplicate`` search still calls a
   stored image a copy of the query, from perturbed copies (noise, stray pixels, shifts, small
   rotations, stroke changes, re-normalised like a re-scan) versus distinct images.
@@ -93,7 +94,10 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     copy_q = float(np.quantile(copy_dist, COPY_QUANTILE))
     distinct_q = float(np.quantile(nn_dist, DISTINCT_QUANTILE)) if len(nn_dist) else copy_q
     threshold = balanced_threshold(copy_dist, nn_dist)
+    from .drift import Normaliser
+
     return {
+        "drift_reference": Normaliser.fit(errors, ink).to_dict(),
         "reference": {
             "error": error_stats(errors),
             "error_per_ink": error_stats(errors / np.maximum(ink, 1e-3)),

@@ -25,7 +25,10 @@ import numpy as np
 PIXEL_BYTES = 28 * 28
 CATALOG_FILE = "catalog.sqlite"  # inside the store folder
 SCHEMA_VERSION = 1
-VERSION_STATES = ("building", "ready", "active", "retired", "failed")
+# building: being trained or indexed; ready: complete, not active; active: serving searches;
+# retired: its index file was pruned (the checkpoint stays; rollback rebuilds the index);
+# rejected: failed the validation gate; failed: the build stopped (error, crash, cancel).
+VERSION_STATES = ("building", "ready", "active", "retired", "rejected", "failed")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -67,6 +70,12 @@ CREATE TABLE IF NOT EXISTS versions(
     reason TEXT NOT NULL,
     created REAL NOT NULL,
     meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS scores(            -- reconstruction error of each image as it arrived
+    image_id INTEGER PRIMARY KEY REFERENCES images(id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,                  -- the encoder version active when it was stored
+    error REAL NOT NULL,                       -- mean binary cross-entropy of its reconstruction
+    score REAL NOT NULL                        -- normalised drift score (streamsim.drift)
 );
 CREATE TABLE IF NOT EXISTS events(
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -150,18 +159,22 @@ class Catalog:
     # -- images -------------------------------------------------------------------------------
 
     def add_images(self, records: list[tuple[str, np.ndarray, str | None]],
-                   journal: list[tuple[int, int] | None] | None = None) -> list[Stored]:
+                   journal: list[tuple[int, int] | None] | None = None,
+                   scores: list[tuple[int, float, float]] | None = None) -> list[Stored]:
         """Store ``(digest, pixels, path)`` records in one transaction.
 
         A digest already stored (or repeated within the batch) returns the existing id with
         ``new=False`` and records ``path`` as another path of that image. ``journal`` (aligned with
-        ``records``) gives each file's ``(size, mtime_ns)`` to journal in the same transaction.
+        ``records``) gives each file's ``(size, mtime_ns)`` to journal in the same transaction;
+        ``scores`` each record's ``(encoder version, reconstruction error, drift score)``, kept for
+        the new images.
         """
         now = time.time()
         out: list[Stored] = []
         journal = journal or [None] * len(records)
+        scores = scores or [None] * len(records)
         with self.transaction() as db:
-            for (digest, pixels, path), stat in zip(records, journal):
+            for (digest, pixels, path), stat, score in zip(records, journal, scores):
                 px = np.ascontiguousarray(pixels, np.uint8)
                 if px.shape != (28, 28):
                     raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
@@ -174,6 +187,9 @@ class Catalog:
                         (digest, pixel_digest(px), px.tobytes(), path, now),
                     )
                     image_id, new = int(cur.lastrowid), True
+                    if score is not None:
+                        db.execute("INSERT INTO scores(image_id, version, error, score) VALUES(?, ?, ?, ?)",
+                                   (image_id, int(score[0]), float(score[1]), float(score[2])))
                 if path is not None:
                     db.execute(
                         "INSERT OR IGNORE INTO paths(image_id, path, added) VALUES(?, ?, ?)", (image_id, path, now)
@@ -261,6 +277,10 @@ class Catalog:
         rows = self._query("SELECT id FROM images ORDER BY id")
         return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
+    def count_images_from(self, first_id: int) -> int:
+        """How many images have an id of at least ``first_id``."""
+        return int(self._query("SELECT COUNT(*) FROM images WHERE id >= ?", (int(first_id),))[0][0])
+
     def count_images(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM images")[0][0])
 
@@ -319,6 +339,35 @@ class Catalog:
 
     def count_failures(self) -> int:
         return int(self._query("SELECT COUNT(*) FROM failures")[0][0])
+
+    # -- drift scores ------------------------------------------------------------------------
+
+    def score_stream(self, *, after: int = 0, last: int | None = None) -> dict[str, np.ndarray]:
+        """The recorded scores in arrival order: ``id``, ``version``, ``error``, ``score`` arrays
+        (images after id ``after``; only the ``last`` n with ``last``)."""
+        if not self._query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'scores'"):
+            rows = []  # a store made before scores were recorded, opened read-only
+        elif last is not None:
+            sql = ("SELECT * FROM (SELECT image_id, version, error, score FROM scores WHERE image_id > ? "
+                   "ORDER BY image_id DESC LIMIT ?) ORDER BY image_id")
+            rows = self._query(sql, (int(after), int(last)))
+        else:
+            rows = self._query("SELECT image_id, version, error, score FROM scores WHERE image_id > ? ORDER BY image_id",
+                               (int(after),))
+        cols = list(zip(*rows)) if rows else [[], [], [], []]
+        return {"id": np.asarray(cols[0], np.int64), "version": np.asarray(cols[1], np.int64),
+                "error": np.asarray(cols[2], np.float64), "score": np.asarray(cols[3], np.float64)}
+
+    def scores_of(self, ids: Iterable[int]) -> dict[int, tuple[int, float]]:
+        """``id -> (version, score)`` for the given images (those with a recorded score)."""
+        ids = [int(i) for i in ids]
+        out: dict[int, tuple[int, float]] = {}
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            for r in self._query(f"SELECT image_id, version, score FROM scores WHERE image_id IN ({marks})", chunk):
+                out[int(r[0])] = (int(r[1]), float(r[2]))
+        return out
 
     # -- versions ----------------------------------------------------------------------------
 
@@ -401,8 +450,10 @@ class Catalog:
                 raise ValueError(f"no encoder version {version}; see `streamsim versions`")
             db.execute("UPDATE versions SET state = 'ready' WHERE state = 'active'")
             db.execute("UPDATE versions SET state = 'active' WHERE version = ?", (int(version),))
+            # image_id: the newest image when it happened (where the switch falls in the stream)
             db.execute(
-                "INSERT INTO events(time, kind, version, detail) VALUES(?, ?, ?, ?)",
+                "INSERT INTO events(time, kind, version, image_id, detail) "
+                "VALUES(?, ?, ?, (SELECT MAX(id) FROM images), ?)",
                 (time.time(), kind, int(version), json.dumps(detail or {})),
             )
 

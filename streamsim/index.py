@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import stat
@@ -29,17 +30,43 @@ from typing import Any
 
 import numpy as np
 
-from . import encoders, images
+from . import drift, encoders, images
 from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
+FINETUNE_EPOCHS = 15  # a fine-tune after drift: epochs over (recent images + replay)
+FINETUNE_LR = 5e-4
+GATE_MARGIN = 0.05  # a fine-tune may raise the error on older (reference) images by this much, relative
+MIN_RECENT = 10  # images since the change needed to fine-tune at all
+MIN_REPLAY = 256  # older images replayed at least (where the store has them)
+REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
 
 
 class StoreError(ValueError):
     """The store cannot be opened or used as asked."""
+
+
+class BuildCancelled(RuntimeError):
+    """A version build was stopped before it finished (the version is recorded as failed)."""
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """What :meth:`Index.retrain` did: the version it made and its ``state`` (``active``, ``ready``
+    or ``rejected``), the validation numbers, why it was rejected (else ``None``), and how long it took."""
+
+    version: int
+    state: str
+    validation: dict[str, Any]
+    rejected_because: str | None
+    seconds: float
+
+    @property
+    def promoted(self) -> bool:
+        return self.state in ("active", "ready")
 
 
 @dataclass(frozen=True)
@@ -110,6 +137,7 @@ class Index:
         index = cls(root, Catalog(db))
         try:
             index._bootstrap()
+            index._discard_dead_builds()
             index._reconcile()
         except BaseException:
             index.catalog.close()
@@ -207,6 +235,11 @@ class Index:
         if version not in self._metas:
             self._metas[version] = encoders.read_meta(encoders.version_dir(self.root / "encoders", version))
         return self._metas[version]
+
+    def normaliser(self, version: int | None = None) -> drift.Normaliser:
+        """How ``version`` (default: the active one) turns reconstruction error into a drift score."""
+        version = self.active_version if version is None else int(version)
+        return drift.Normaliser.from_meta(self.meta(version))
 
     def encoder(self, version: int | None = None):
         """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
@@ -320,17 +353,21 @@ class Index:
         if not loaded:
             return []
         with self._lock:
-            self._catch_up(self.active_version)  # images other processes stored since we looked
-            stored = self.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded], journal)
-            new_ids, new_px, seen = [], [], set()
-            for s, x in zip(stored, loaded):
+            v = self.active_version
+            self._catch_up(v)  # images other processes stored since we looked
+            px = np.stack([x.pixels for x in loaded])
+            codes, errors = self.encoder(v).encode_with_error(px)
+            scores = self.normaliser(v).score(errors, drift.ink(px))
+            stored = self.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded], journal,
+                                             scores=[(v, float(e), float(z)) for e, z in zip(errors, scores)])
+            new_ids, rows, seen = [], [], set()
+            for i, s in enumerate(stored):
                 if s.new and s.id not in seen:
                     seen.add(s.id)
                     new_ids.append(s.id)
-                    new_px.append(x.pixels)
+                    rows.append(i)
             if new_ids:
-                v = self.active_version
-                self._vectors_for(v).add(np.asarray(new_ids, np.int64), self.encoder(v)(np.stack(new_px)))
+                self._vectors_for(v).add(np.asarray(new_ids, np.int64), codes[rows])
                 self._catch_up(v)  # only ids stored elsewhere meanwhile are encoded here
                 self._maybe_save()
             return stored
@@ -458,16 +495,17 @@ class Index:
     # -- versions -----------------------------------------------------------------------------
 
     def train(self, pixels: np.ndarray | None = None, *, epochs: int = 10, activate: bool = True,
-              reason: str = "manual", arch: str | None = None, seed: int = 0,
+              reason: str = "manual", arch: str | None = None, seed: int = 0, keep: int | None = None,
               progress: Callable[[int, int, dict], None] | None = None) -> int:
         """Train the next encoder version and build its index; returns the new version number.
 
         Fine-tunes from the active encoder on ``pixels`` (default: every stored image); with
         ``arch`` a fresh model of that architecture is trained instead. The new version's vectors
-        are built from the catalog's pixels, then (with ``activate``) it becomes active.
+        are built from the catalog's pixels while the active version keeps serving, then (with
+        ``activate``) it becomes active in one transaction. ``keep``: see :meth:`prune`.
         """
         from . import train as T
-        from .model import Encoder, build
+        from .model import build
 
         if pixels is None:
             pixels = np.concatenate([px for _, px in self.catalog.iter_pixels()] or [np.zeros((0, 28, 28), np.uint8)])
@@ -475,58 +513,257 @@ class Index:
         if len(pixels) == 0:
             raise StoreError("nothing to train on: the data (or the store) holds no images")
         parent = self.active_version
-        version = self.catalog.new_version(state="building", parent=parent, reason=reason)
-        ready = False
-        try:
+        with self._building(parent=parent, reason=reason) as version:
             if arch is None:
                 model = _clone_model(self.encoder(parent))
-                parent_meta = self.meta(parent)
-                arch_name, config = parent_meta["arch"], parent_meta["config"]
+                arch_name, config = self.meta(parent)["arch"], self.meta(parent)["config"]
+                invariance = float(self.meta(parent).get("train", {}).get("invariance", 0.0))
             else:
                 from .model import DEFAULT_CONFIGS
-                arch_name, config = arch, dict(DEFAULT_CONFIGS.get(arch, {}))
+                arch_name, config, invariance = arch, dict(DEFAULT_CONFIGS.get(arch, {})), 0.0
                 model = build(arch_name, config, seed=seed)
-            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=float(self.meta(parent).get("train", {}).get("invariance", 0.0)) if arch is None else 0.0)
+            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=invariance)
             model, history = T.fit(model, pixels, cfg, progress=progress)
-            enc = Encoder(model)
-            meta = build_meta(enc, arch_name, config, pixels, history, cfg, parent=parent, version=version, reason=reason, seed=seed)
-            encoders.save(model, encoders.version_dir(self.root / "encoders", version), meta)
-            self._metas[version] = meta
-            self._encoders[version] = enc
-            # built while the active version keeps serving; images added meanwhile are caught up
-            # when this version is switched to (now, or by a later rollback)
-            self._sync_vectors(version)
-            with self._lock:
-                self.catalog.update_version_meta(version, **_summary(meta))
-                self.catalog.set_version_state(version, "ready")
-            ready = True
-            if activate:
-                self._switch(version, kind="activated")
-        except BaseException:
-            if not ready:
-                self.catalog.set_version_state(version, "failed")
-            raise
+            meta = build_meta(self._wrap(model), arch_name, config, pixels, history, cfg, parent=parent,
+                              version=version, reason=reason, seed=seed)
+            self._complete(version, model, meta, activate=activate, keep=keep)
         return version
 
-    def _switch(self, version: int, *, kind: str) -> None:
+    def retrain(self, *, since: int | None = None, epochs: int = FINETUNE_EPOCHS, replay: float = 1.0,
+                margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
+                keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
+                progress: Callable[[int, int, dict], None] | None = None) -> "RetrainResult":
+        """Fine-tune the active encoder on the images since a change, with a replay of older ones,
+        and promote the result only if it passes the validation gate.
+
+        ``since``: the first image id of the change (default: :meth:`change_start`). A fifth of
+        those images is held out; the rest, plus ``replay`` times as many older images (at least
+        ``MIN_REPLAY`` where the store has them), are the training set. Another sample of older
+        images (up to ``REFERENCE_SAMPLE``) is the reference. The new version is promoted when its
+        reconstruction error on the held-out recent images is lower than the parent's and its error
+        on the reference rises by at most ``margin`` (relative); otherwise it is recorded as
+        ``rejected`` with the numbers and the store keeps its version. Setting ``stop`` cancels
+        the build (the version is recorded as ``failed``). Returns a :class:`RetrainResult`.
+        """
+        from . import train as T
+
+        started = time.monotonic()
+        if not 0.0 <= margin:
+            raise ValueError(f"margin must be >= 0, got {margin}")
+        since = self.change_start() if since is None else int(since)
+        ids = self.catalog.ids()
+        recent, older = ids[ids >= since], ids[ids < since]
+        if len(recent) < MIN_RECENT:
+            raise StoreError(f"only {len(recent)} images since image {since}; fine-tuning needs at least "
+                             f"{MIN_RECENT} (wait for more, or pass an earlier --since)")
+        rng = np.random.default_rng(seed)
+        recent = rng.permutation(recent)
+        n_val = max(2, len(recent) // 5)
+        val_ids, fit_ids = recent[:n_val], recent[n_val:]
+        older = rng.permutation(older)
+        n_ref = min(REFERENCE_SAMPLE, len(older) // 3)
+        ref_ids, pool = older[:n_ref], older[n_ref:]
+        replay_ids = pool[: min(len(pool), max(int(round(len(fit_ids) * replay)), MIN_REPLAY if replay > 0 else 0))]
+        train_ids = np.sort(np.concatenate([fit_ids, replay_ids]))
+        parent = self.active_version
+        with self._building(parent=parent, reason=reason) as version:
+            pixels = self.catalog.pixels(train_ids)
+            meta_p = self.meta(parent)
+            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=float(meta_p.get("train", {}).get("invariance", 0.0)),
+                                learning_rate=FINETUNE_LR)
+
+            def tick(epoch, total, metrics):
+                if stop is not None and stop.is_set():
+                    raise BuildCancelled("the fine-tune was cancelled")
+                if progress is not None:
+                    progress(epoch, total, metrics)
+
+            model, history = T.fit(_clone_model(self.encoder(parent)), pixels, cfg, progress=tick)
+            candidate = self._wrap(model)
+            val_px, ref_px = self.catalog.pixels(val_ids), self.catalog.pixels(ref_ids)
+            before = {"recent": _mean_error(self.encoder(parent), val_px), "reference": _mean_error(self.encoder(parent), ref_px)}
+            after = {"recent": _mean_error(candidate, val_px), "reference": _mean_error(candidate, ref_px)}
+            checks = {"recent_error_falls": bool(after["recent"] < before["recent"]),
+                      "reference_within_margin": bool(len(ref_px) == 0 or after["reference"] <= before["reference"] * (1 + margin))}
+            validation = {
+                "since_image_id": since, "recent_images": int(len(recent)), "trained_on_recent": int(len(fit_ids)),
+                "replayed": int(len(replay_ids)), "held_out_recent": int(len(val_ids)), "reference_images": int(len(ref_ids)),
+                "recent_error_before": before["recent"], "recent_error_after": after["recent"],
+                "reference_error_before": before["reference"], "reference_error_after": after["reference"],
+                "margin": margin, **checks, "passed": all(checks.values()),
+            }
+            if not validation["passed"]:
+                why = ("error on recent images did not fall" if not checks["recent_error_falls"]
+                       else f"error on the reference rose more than {margin:.0%}")
+                self.catalog.update_version_meta(version, validation=validation)
+                self.catalog.set_version_state(version, "rejected")
+                self.catalog.add_event("rejected", version=version, detail={"why": why, **validation})
+                return RetrainResult(version, "rejected", validation, why, time.monotonic() - started)
+            meta = build_meta(candidate, meta_p["arch"], meta_p["config"], pixels, history, cfg, parent=parent,
+                              version=version, reason=reason, seed=seed)
+            meta["validation"] = validation
+            self._complete(version, model, meta, activate=activate, keep=keep, stop=stop)
+        state = "active" if activate else "ready"
+        return RetrainResult(version, state, validation, None, time.monotonic() - started)
+
+    def change_start(self) -> int:
+        """The first image id of the newest unhandled change: the estimated change point of the
+        last drift alarm after the last switch of version, or else the first image stored since
+        that switch."""
+        last_switch, start = None, None
+        for e in self.catalog.events():
+            if e["kind"] in ("activated", "rollback"):
+                last_switch, start = e, None
+            elif e["kind"] == "drift":
+                start = e["detail"].get("change_image_id") or e["image_id"]
+        if start is not None:
+            return int(start)
+        if last_switch is not None and last_switch.get("image_id") is not None:
+            return int(last_switch["image_id"]) + 1
+        return 1
+
+    def _wrap(self, model):
+        from .model import Encoder
+
+        return Encoder(model)
+
+    @contextlib.contextmanager
+    def _building(self, *, parent: int, reason: str):
+        """Hold the store's build lock and a new version in state ``building``; on any error the
+        version is marked ``failed`` and its partial files removed."""
+        lock = _lock_builds(self.root)
+        try:
+            version = self.catalog.new_version(state="building", parent=parent, reason=reason)
+            try:
+                yield version
+            except BaseException as e:
+                self._discard(version, f"{type(e).__name__}: {e}")
+                raise
+        finally:
+            lock.close()
+
+    def _discard(self, version: int, why: str) -> None:
+        info = self.catalog.version(version)
+        if info is None or info["state"] != "building":
+            return
+        self.catalog.set_version_state(version, "failed")
+        self.catalog.add_event("build_failed", version=version, detail={"why": why})
+        self._vectors_path(version).unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(encoders.version_dir(self.root / "encoders", version), ignore_errors=True)
+        with self._lock:
+            self._encoders.pop(version, None)
+            self._metas.pop(version, None)
+
+    def _discard_dead_builds(self) -> None:
+        """Versions left ``building`` by a process that died: marked ``failed``, files removed."""
+        building = [v["version"] for v in self.catalog.versions() if v["state"] == "building"]
+        if not building:
+            return
+        try:
+            lock = _lock_builds(self.root)
+        except StoreError:
+            return  # a build is running in another process
+        try:
+            for version in building:
+                self._discard(version, "the build was interrupted (the process stopped)")
+        finally:
+            lock.close()
+
+    def _complete(self, version: int, model, meta: dict[str, Any], *, activate: bool, keep: int | None,
+                  stop: threading.Event | None = None) -> None:
+        """Save a trained version, build its vectors in the background of searches, switch."""
+        encoders.save(model, encoders.version_dir(self.root / "encoders", version), meta)
+        with self._lock:
+            self._metas[version] = meta
+            self._encoders[version] = self._wrap(model)
+        if stop is not None and stop.is_set():
+            raise BuildCancelled("the build was cancelled")
+        # built while the active version keeps serving; images added meanwhile are caught up
+        # when this version is switched to (now, or by a later rollback)
+        self._sync_vectors(version)
+        with self._lock:
+            self.catalog.update_version_meta(version, **_summary(meta))
+            self.catalog.set_version_state(version, "ready")
+        if activate:
+            self._switch(version, kind="activated")
+        if keep is not None:
+            self.prune(keep=keep)
+
+    def _switch(self, version: int, *, kind: str, detail: dict | None = None) -> None:
         with self._lock:
             vectors, _ = self._sync_vectors(version)
             if self._vectors is not None and self._vectors is not vectors and self._vectors.dirty:
                 self._vectors.save()
-            self.catalog.activate(version, kind=kind)
+            self.catalog.activate(version, kind=kind, detail=detail)
             self._vectors, self._vectors_version, self._known_max = vectors, version, 0
             self._catch_up(version)
 
-    def rollback(self, version: int) -> None:
-        """Make ``version`` (encoder and index together) active again; its index is rebuilt from
-        the catalog's pixels if missing and caught up with images added since."""
+    def rollback(self, version: int, *, keep: int | None = None) -> None:
+        """Make ``version`` (encoder and index together) active: older or newer than the active one
+        (roll back or forward). Its index is rebuilt from the catalog's pixels if it was pruned,
+        and caught up with images added since."""
         version = int(version)
         info = self.catalog.version(version)
         if info is None:
             raise StoreError(f"no encoder version {version}; see `streamsim versions`")
-        if not encoders.is_complete(encoders.version_dir(self.root / "encoders", version)):
-            raise StoreError(f"encoder version {version} has no usable checkpoint (state {info['state']})")
-        self._switch(version, kind="rollback")
+        if info["state"] in ("building", "rejected", "failed") or not encoders.is_complete(
+                encoders.version_dir(self.root / "encoders", version)):
+            raise StoreError(f"encoder version {version} cannot be activated (state {info['state']}); "
+                             "choose a ready, retired or active version from `streamsim versions`")
+        previous = self.active_version
+        self._switch(version, kind="rollback", detail={"from": previous})
+        if keep is not None:
+            self.prune(keep=keep)
+
+    def prune(self, *, keep: int) -> list[int]:
+        """Delete the index files of all but the ``keep`` newest versions that have one; the active
+        version and its parent always keep theirs. Checkpoints are never deleted (they are small),
+        so a pruned (``retired``) version can be rolled back to: its index is rebuilt from pixels.
+        Returns the versions retired."""
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        with self._lock:
+            active = self.active_version
+            rows = self.catalog.versions()
+            parent = next((v["parent"] for v in rows if v["version"] == active), None)
+            indexed = [v["version"] for v in rows if v["state"] in ("ready", "active") and self._vectors_path(v["version"]).exists()]
+            kept = set(sorted(indexed)[-keep:]) | {active} | ({parent} if parent else set())
+            retired = []
+            for v in indexed:
+                if v not in kept:
+                    self._vectors_path(v).unlink(missing_ok=True)
+                    self.catalog.set_version_state(v, "retired")
+                    self.catalog.add_event("retired", version=v, detail={"keep": keep})
+                    retired.append(v)
+            return retired
+
+
+def _mean_error(encoder, pixels: np.ndarray) -> float:
+    if len(pixels) == 0:
+        return 0.0
+    return float(np.mean(encoder.encode_with_error(pixels)[1]))
+
+
+def _lock_builds(root: Path):
+    """Hold ``<store>/build.lock`` (one version build at a time per store) until closed."""
+    import fcntl
+
+    f = open(root / "build.lock", "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise StoreError(f"{root}: an encoder version is being built already (pid {holder}); "
+                         "wait for it (see `streamsim versions`)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def file_stat(path: str) -> tuple[int, int] | None:
@@ -592,7 +829,7 @@ def _load_all(files: list[Path], pool=None):
 
 
 def _summary(meta: dict[str, Any]) -> dict[str, Any]:
-    keys = ("arch", "config", "training", "duplicate_threshold", "final_loss", "version_of")
+    keys = ("arch", "config", "training", "duplicate_threshold", "final_loss", "version_of", "validation")
     return {k: meta[k] for k in keys if k in meta}
 
 

@@ -20,6 +20,14 @@ Files ready together are taken in arrival order (mtime, then name) in micro-batc
 file's (path, size, mtime, byte hash, outcome) in the same transaction that stores it, so a file
 is processed at most once across restarts, and files that arrived while the watcher was down are
 picked up by the first scan. The watcher never deletes, moves or rewrites user files.
+
+Drift: every stored image's normalised reconstruction score (recorded with it) feeds a
+:class:`~streamsim.drift.DriftMonitor` for the active encoder version; on restart the monitor is
+warmed with the scores recorded since the last alarm or version switch. An alarm is recorded as a
+``drift`` event; unless ``retrain`` is off, a fine-tune (:meth:`Index.retrain`) then runs in a
+background thread once ``min_new`` images have arrived since the estimated change (or
+``retrain_wait`` seconds have passed), while the watcher goes on ingesting and answering
+searches; the new version is swapped in when its index is built, or rejected by the gate.
 """
 
 from __future__ import annotations
@@ -36,14 +44,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import images
-from .index import file_stat
+from . import drift, images
+from .index import MIN_RECENT, BuildCancelled, StoreError, file_stat
 
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
 CREATED_SETTLE = 0.2
 POOL_MIN_BATCH = 64  # a batch this big starts worker processes for decoding (kept while watching)
 TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
+WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when the watcher starts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,10 @@ class WatchConfig:
     batch_files: int = 256
     batch_ms: float = 100.0
     use_events: bool = True
+    retrain: bool = True  # fine-tune in the background after a drift alarm
+    keep: int | None = None  # index files to keep after a swap (see Index.prune); None: all
+    min_new: int = 256  # images since the estimated change point before a fine-tune starts ...
+    retrain_wait: float = 30.0  # ... or this many seconds after the alarm, whichever comes first
 
 
 @dataclasses.dataclass
@@ -147,6 +160,11 @@ class Watcher:
         self._done: dict[str, tuple[int, int]] = index.catalog.journal()
         self._observer = None
         self._pool = None
+        self._monitor: drift.DriftMonitor | None = None
+        self._alarm: tuple[drift.Alarm, float] | None = None  # waiting for its fine-tune to start
+        self._build: threading.Thread | None = None
+        self._build_outcome: dict[str, Any] | None = None
+        self._build_stop = threading.Event()
 
     # -- seeing files -------------------------------------------------------------------------
 
@@ -283,6 +301,7 @@ class Watcher:
 
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
         stats = {f[0]: (f[1], f[2]) for f in files}
+        stored: list[tuple[int, str]] = []
         if self._pool is None and len(files) >= POOL_MIN_BATCH and (os.cpu_count() or 1) > 1:
             from .index import decoder_pool
 
@@ -310,10 +329,96 @@ class Watcher:
             if outcome.reason is not None:
                 event["reason"] = outcome.reason
             self.on_event(event)
+            if outcome.outcome == "stored":
+                stored.append((outcome.id, outcome.path))
+        self._watch_drift(stored)
+
+    # -- drift ----------------------------------------------------------------------------------
+
+    def _warm_monitor(self) -> None:
+        """Feed the monitor what the last run would have seen: the active version's scores since
+        the last drift alarm or version switch (at most ``WARM_SCORES``)."""
+        after = 0
+        for e in self.index.catalog.events():
+            if e["kind"] in ("activated", "rollback", "drift") and e["image_id"] is not None:
+                after = int(e["image_id"])
+        s = self.index.catalog.score_stream(after=after, last=WARM_SCORES)
+        active = self.index.active_version
+        scores = {i: (v, z) for i, v, z in zip(s["id"].tolist(), s["version"].tolist(), s["score"].tolist()) if v == active}
+        self._feed([(i, None) for i in scores], scores)
+
+    def _watch_drift(self, stored: list[tuple[int, str]]) -> None:
+        if stored:
+            self._feed(sorted(stored), self.index.catalog.scores_of(i for i, _ in stored))
+
+    def _feed(self, items, scores: dict[int, tuple[int, float]]) -> None:
+        for image_id, path in items:
+            if image_id not in scores:
+                continue
+            version, score = scores[image_id]
+            if self._monitor is None or self._monitor.version != version:
+                self._monitor = drift.DriftMonitor(version=version, normaliser=self.index.normaliser(version))
+            alarm = self._monitor.update(score, image_id=image_id, path=path)
+            if alarm is not None:
+                self._on_alarm(alarm, version)
+
+    def _on_alarm(self, alarm: drift.Alarm, version: int) -> None:
+        path = alarm.path
+        if path is None and alarm.image_id is not None:
+            path = (self.index.get(alarm.image_id) or {}).get("path")
+        detail = {"detector": alarm.detector, "score": round(alarm.score, 4), "statistic": round(alarm.statistic, 4),
+                  "change_image_id": alarm.change_image_id}
+        self.index.catalog.add_event("drift", version=version, image_id=alarm.image_id, path=path, detail=detail)
+        self.on_event({"event": "drift", "version": version, "id": alarm.image_id, "path": path, **detail,
+                       "time": time.time()})
+        if self.config.retrain and self._build is None:
+            self._alarm = (alarm, time.monotonic())
+
+    def _maybe_start_build(self, *, now: bool = False) -> None:
+        """Start the fine-tune for the pending alarm once enough images have arrived since it."""
+        if self._alarm is None or self._build is not None:
+            return
+        alarm, at = self._alarm
+        since = alarm.change_image_id or alarm.image_id or 1
+        new = self.index.catalog.count_images_from(since)
+        waited = time.monotonic() - at >= self.config.retrain_wait
+        if new < MIN_RECENT or not (now or waited or new >= self.config.min_new):
+            return
+        self._alarm = None
+        self.on_event({"event": "retraining", "since": since, "images": new, "time": time.time()})
+
+        def work():
+            try:
+                r = self.index.retrain(since=since, reason="drift", keep=self.config.keep, stop=self._build_stop)
+                self._build_outcome = {"event": r.state if r.state == "rejected" else "activated", "version": r.version,
+                                       "seconds": round(r.seconds, 2), "validation": r.validation,
+                                       **({"reason": r.rejected_because} if r.rejected_because else {})}
+            except BuildCancelled:
+                self._build_outcome = {"event": "build_cancelled"}
+            except (StoreError, ValueError, OSError, FloatingPointError) as e:
+                self._build_outcome = {"event": "build_failed", "reason": str(e)}
+
+        self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
+        self._build.start()
+
+    def _reap_build(self, *, wait: bool = False) -> None:
+        if self._build is None or (self._build.is_alive() and not wait):
+            return
+        self._build.join()
+        self._build = None
+        outcome, self._build_outcome = self._build_outcome or {"event": "build_failed", "reason": "unknown"}, None
+        self.on_event({**outcome, "time": time.time()})
+
+    def _stop_build(self) -> None:
+        if self._build is not None:
+            self._build_stop.set()
+            self._reap_build(wait=True)
+            self._build_stop.clear()
 
     def run_once(self, stop: threading.Event | None = None) -> None:
         """Ingest what is in the folder now (waiting for files still being written), then return
         (early, after the batch in hand, once ``stop`` is set)."""
+        self._warm_monitor()
         self.scan()
         try:
             while self._pending and not (stop is not None and stop.is_set()):
@@ -322,7 +427,11 @@ class Watcher:
                     self.ingest(batch)
                 else:
                     time.sleep(0.05)
+            if not (stop is not None and stop.is_set()):
+                self._maybe_start_build(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
+                self._reap_build(wait=True)
         finally:
+            self._stop_build()
             self._close_pool()
             self.index.flush()
 
@@ -335,6 +444,7 @@ class Watcher:
             self._pool = decoder_pool()
             self._pool.submit(int)  # start the workers now, so the first bulk drop does not wait for them
         try:
+            self._warm_monitor()
             self.scan()
             last_scan = time.monotonic()
             self.on_event({"event": "watching", "folder": str(self.config.folder), "pending": len(self._pending),
@@ -356,8 +466,11 @@ class Watcher:
                     self.ingest(batch[start : start + self.config.batch_files])
                     if stop.is_set():
                         break
+                self._maybe_start_build()
+                self._reap_build()
                 self.index._maybe_save()
         finally:
+            self._stop_build()
             self._stop_events()
             self._close_pool()
             self.index.flush()
