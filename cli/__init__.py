@@ -492,6 +492,10 @@ def _watch_live(index, config, once: bool, stop) -> None:
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # compiled programs (training steps, encoders) are kept between runs: a fine-tune after drift
+    # or a new version then starts in seconds instead of recompiling
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "streamsim" / "jax"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(cache))
     app()
 
 

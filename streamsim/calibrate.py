@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ def perturbed_copies(pixels: np.ndarray, *, seed: int = 0, **overrides: Any) -> 
     from .train import Corruptions, corrupt
 
     c = Corruptions(**{**COPY_CORRUPTIONS, **overrides})
-    x = np.asarray(corrupt(jax.random.key(seed), pixels.astype(np.float32) / 255.0, c))
+    x = np.asarray(_jitted(corrupt)(jax.random.key(seed), pixels.astype(np.float32) / 255.0, c))
     out = np.empty_like(pixels)
     for i, img in enumerate(x):
         try:
@@ -41,6 +42,15 @@ def perturbed_copies(pixels: np.ndarray, *, seed: int = 0, **overrides: Any) -> 
         except images.ImageError:
             out[i] = pixels[i]
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn):
+    """``fn`` compiled once as a whole (its last argument, the corruptions, static), instead of
+    op by op."""
+    import jax
+
+    return jax.jit(fn, static_argnums=2)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -524,9 +524,10 @@ class Index:
                 model = build(arch_name, config, seed=seed)
             cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=invariance)
             model, history = T.fit(model, pixels, cfg, progress=progress)
-            meta = build_meta(self._wrap(model), arch_name, config, pixels, history, cfg, parent=parent,
+            enc = self._wrap(model)
+            meta = build_meta(enc, arch_name, config, pixels, history, cfg, parent=parent,
                               version=version, reason=reason, seed=seed)
-            self._complete(version, model, meta, activate=activate, keep=keep)
+            self._complete(version, enc, meta, activate=activate, keep=keep)
         return version
 
     def retrain(self, *, since: int | None = None, epochs: int = FINETUNE_EPOCHS, replay: float = 1.0,
@@ -602,7 +603,7 @@ class Index:
             meta = build_meta(candidate, meta_p["arch"], meta_p["config"], pixels, history, cfg, parent=parent,
                               version=version, reason=reason, seed=seed)
             meta["validation"] = validation
-            self._complete(version, model, meta, activate=activate, keep=keep, stop=stop)
+            self._complete(version, candidate, meta, activate=activate, keep=keep, stop=stop)
         state = "active" if activate else "ready"
         return RetrainResult(version, state, validation, None, time.monotonic() - started)
 
@@ -671,13 +672,16 @@ class Index:
         finally:
             lock.close()
 
-    def _complete(self, version: int, model, meta: dict[str, Any], *, activate: bool, keep: int | None,
+    def _complete(self, version: int, enc, meta: dict[str, Any], *, activate: bool, keep: int | None,
                   stop: threading.Event | None = None) -> None:
-        """Save a trained version, build its vectors in the background of searches, switch."""
-        encoders.save(model, encoders.version_dir(self.root / "encoders", version), meta)
+        """Save a trained version (its :class:`Encoder`), build its vectors in the background of
+        searches, switch."""
+        from flax import nnx
+
+        encoders.save(nnx.merge(enc.graphdef, enc.state), encoders.version_dir(self.root / "encoders", version), meta)
         with self._lock:
             self._metas[version] = meta
-            self._encoders[version] = self._wrap(model)
+            self._encoders[version] = enc
         if stop is not None and stop.is_set():
             raise BuildCancelled("the build was cancelled")
         # built while the active version keeps serving; images added meanwhile are caught up

@@ -137,6 +137,9 @@ def bce(logits: jax.Array, target: jax.Array) -> jax.Array:
 BUCKETS = (1, 8, 64, 512, 4096)
 
 
+_PROGRAMS: dict[tuple, Any] = {}  # compiled encoder programs, by architecture, weight shapes and batch size
+
+
 class Encoder:
     """Fast, thread-safe inference over a fixed model: codes, reconstructions and errors.
 
@@ -172,8 +175,13 @@ class Encoder:
         key = (name, size)
         prog = self._compiled.get(key)
         if prog is None:
-            spec = jax.ShapeDtypeStruct((size, SIDE, SIDE), jnp.uint8)
-            prog = self._fns[name].lower(self._leaves, spec).compile()
+            # encoders of the same architecture (every version fine-tuned from one) share programs:
+            # the weights are arguments, so a new version costs no compilation
+            shared = (self.graphdef, self._treedef, tuple((leaf.shape, str(leaf.dtype)) for leaf in self._leaves), name, size)
+            prog = _PROGRAMS.get(shared)
+            if prog is None:
+                spec = jax.ShapeDtypeStruct((size, SIDE, SIDE), jnp.uint8)
+                prog = _PROGRAMS[shared] = self._fns[name].lower(self._leaves, spec).compile()
             self._compiled[key] = prog
         return prog
 
