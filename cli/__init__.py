@@ -288,7 +288,7 @@ def drift(
 @app.command()
 def retrain(
     since: Annotated[Optional[int], typer.Option("--since", help="First image id of the change (default: the last drift alarm's change point, else images since the last switch).")] = None,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 15,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Default: about 800 optimiser steps.")] = None,
     replay: Annotated[float, typer.Option("--replay", min=0.0, help="Older images replayed, as a multiple of the recent ones.")] = 1.0,
     margin: Annotated[float, typer.Option("--margin", min=0.0, help="Allowed relative rise of the error on older (reference) images.")] = 0.05,
     activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make the new version active if it passes the gate.")] = True,

@@ -269,7 +269,7 @@ class KSWindow(_Detector):
     """
 
     def __init__(self, *, quantiles: Sequence[float] = (), window: int = 200, step: int = 10,
-                 threshold: float = 0.16, cooldown: int = COOLDOWN):
+                 threshold: float = 0.17, cooldown: int = COOLDOWN):
         if window < 10 or step < 1:
             raise ValueError(f"window must be >= 10 and step >= 1, got {window} and {step}")
         self.window, self.step, self.threshold = int(window), int(step), float(threshold)

@@ -37,8 +37,8 @@ MODES = ("similar", "duplicate", "recall")
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
-FINETUNE_EPOCHS = 15  # a fine-tune after drift: epochs over (recent images + replay)
-FINETUNE_LR = 5e-4
+FINETUNE_STEPS = 800  # a fine-tune after drift: about this many optimiser steps over (recent + replay)
+FINETUNE_LR = 1e-3
 GATE_MARGIN = 0.05  # a fine-tune may raise the error on older (reference) images by this much, relative
 MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
@@ -530,7 +530,7 @@ class Index:
             self._complete(version, enc, meta, activate=activate, keep=keep)
         return version
 
-    def retrain(self, *, since: int | None = None, epochs: int = FINETUNE_EPOCHS, replay: float = 1.0,
+    def retrain(self, *, since: int | None = None, epochs: int | None = None, replay: float = 1.0,
                 margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
                 keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
                 progress: Callable[[int, int, dict], None] | None = None) -> "RetrainResult":
@@ -540,7 +540,8 @@ class Index:
         ``since``: the first image id of the change (default: :meth:`change_start`). A fifth of
         those images is held out; the rest, plus ``replay`` times as many older images (at least
         ``MIN_REPLAY`` where the store has them), are the training set. Another sample of older
-        images (up to ``REFERENCE_SAMPLE``) is the reference. The new version is promoted when its
+        images (up to ``REFERENCE_SAMPLE``) is the reference. ``epochs`` defaults to about
+        ``FINETUNE_STEPS`` optimiser steps, however few the images. The new version is promoted when its
         reconstruction error on the held-out recent images is lower than the parent's and its error
         on the reference rises by at most ``margin`` (relative); otherwise it is recorded as
         ``rejected`` with the numbers and the store keeps its version. Setting ``stop`` cancels
@@ -570,6 +571,9 @@ class Index:
         with self._building(parent=parent, reason=reason) as version:
             pixels = self.catalog.pixels(train_ids)
             meta_p = self.meta(parent)
+            if epochs is None:
+                batch = T.TrainConfig().batch_size
+                epochs = max(1, -(-FINETUNE_STEPS // max(1, len(pixels) // batch)))
             cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=float(meta_p.get("train", {}).get("invariance", 0.0)),
                                 learning_rate=FINETUNE_LR)
 
