@@ -264,3 +264,27 @@ def test_watch_no_retrain_records_the_alarm_only(tmp_path, tmp_path_factory, dig
     assert kinds.count("drift") == 1 and "retraining" not in kinds
     status = json.loads(subprocess.run([EXE, "status", "--json", "--store", str(store)], capture_output=True, text=True).stdout)
     assert status["active_version"] == 1 and len(status["versions"]) == 1
+
+
+def test_cli_rollback_events_drift_and_errors(retrained, tmp_path):
+    from typer.testing import CliRunner
+
+    from streamsim.cli import app
+
+    root = tmp_path / "store"
+    shutil.copytree(retrained["root"], root)
+    runner = CliRunner()
+    invoke = lambda *a: runner.invoke(app, [*a, "--store", str(root)])  # noqa: E731
+    out = invoke("rollback", "1", "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["active_version"] == 1 and json.loads(out.output)["previous"] == 2
+    events = json.loads(invoke("events", "--json", "--kind", "rollback").output)
+    assert [(e["kind"], e["version"], e["from"]) for e in events] == [("rollback", 1, 2)]
+    d = json.loads(invoke("drift", "--json").output)
+    assert d["window"] > 0 and d["score"] is not None and d["alarms"] == 0
+    table = invoke("versions")
+    assert table.exit_code == 0 and "drift" in table.output and "active" in table.output
+    out = invoke("retrain", "--since", "100000")
+    assert out.exit_code == 1 and out.output.count("\n") == 1 and "only 0 images since image 100000" in out.output
+    out = invoke("rollback", "7")
+    assert out.exit_code == 1 and "no encoder version 7" in out.output
