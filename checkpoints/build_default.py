@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from streamsim import encoders, train as T
-    from streamsim.index import build_meta
+    from streamsim.index import build_meta, reference_sample
     from streamsim.model import DEFAULT_CONFIGS, Encoder, build
 
     digits, _, _, _ = mnist_split(args.seed)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     if out.exists():
         import shutil
         shutil.rmtree(out)
-    encoders.save(model, out, meta)
+    encoders.save(model, out, meta, reference=reference_sample(data, seed=args.seed))
     print(json.dumps({k: meta[k] for k in ("arch", "config", "final_loss", "duplicate_threshold")}, indent=2))
     return 0
 

@@ -7,6 +7,7 @@ A store keeps one folder per encoder version under ``<store>/encoders/``::
                                 reference reconstruction-error statistics, time
     encoders/v0001/weights.npz  a plain-array copy of the state for inference (its sha256 is in
                                 meta.json; loaded without pickle, and only if the hash matches)
+    encoders/v0001/reference.npz  up to 1,000 images of what the version was trained for
 
 ``meta.json`` is written last, atomically, after orbax has finished: a folder without it is an
 unfinished save and is never loaded (it is removed by :func:`discard_incomplete`). Version 1 of
@@ -26,7 +27,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 META = "meta.json"
+REFERENCE = "reference.npz"  # a sample of what the version was trained for (replay, forgetting check)
 STATE = "state"
 WEIGHTS = "weights.npz"  # the same arrays as state/, for a fast start without importing orbax
 
@@ -73,10 +77,13 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
-def save(model, directory: str | Path, meta: dict[str, Any]) -> Path:
+def save(model, directory: str | Path, meta: dict[str, Any], *, reference: np.ndarray | None = None) -> Path:
     """Save ``nnx.state(model)`` with orbax, wait for it to finish, then write ``meta.json``.
 
-    ``meta`` must name ``arch`` and ``config``. Refuses to overwrite a finished checkpoint.
+    ``meta`` must name ``arch`` and ``config``. ``reference``: a sample of the images the version
+    was trained for (uint8 ``[N, 28, 28]``), kept as ``reference.npz`` — later fine-tunes replay it
+    and check against it that old material is not forgotten. Refuses to overwrite a finished
+    checkpoint.
     """
     import orbax.checkpoint as ocp
     from flax import nnx
@@ -95,8 +102,23 @@ def save(model, directory: str | Path, meta: dict[str, Any]) -> Path:
     checkpointer.wait_until_finished()
     checkpointer.close()
     meta = {**meta, "weights_sha256": write_weights(model, d / WEIGHTS)}
+    if reference is not None:
+        np.savez_compressed(d / REFERENCE, images=np.ascontiguousarray(reference, np.uint8))
     _write_json_atomic(d / META, meta)
     return d
+
+
+def load_reference(directory: str | Path) -> np.ndarray:
+    """The reference sample kept with a checkpoint (uint8 ``[N, 28, 28]``; empty if there is none
+    or it cannot be read)."""
+    try:
+        with np.load(Path(directory) / REFERENCE, allow_pickle=False) as f:
+            x = f["images"]
+    except (OSError, KeyError, ValueError):
+        return np.zeros((0, 28, 28), np.uint8)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        return np.zeros((0, 28, 28), np.uint8)
+    return x
 
 
 def _flat_state(model) -> dict[str, Any]:
@@ -110,8 +132,6 @@ def _flat_state(model) -> dict[str, Any]:
 def write_weights(model, path: Path) -> str:
     """Write the model's arrays to ``path`` (npz, atomically); returns the file's sha256."""
     import hashlib
-
-    import numpy as np
 
     arrays = {k: np.asarray(v) for k, v in _flat_state(model).items()}
     tmp = path.with_name(path.name + ".tmp")
@@ -128,7 +148,6 @@ def _load_weights(d: Path, meta: dict[str, Any]):
     import hashlib
 
     import jax
-    import numpy as np
     from flax import nnx
 
     from . import model as M

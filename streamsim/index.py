@@ -43,6 +43,7 @@ GATE_MARGIN = 0.05  # a fine-tune may raise the error on older (reference) image
 MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
+REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
 
 
 class StoreError(ValueError):
@@ -527,7 +528,7 @@ class Index:
             enc = self._wrap(model)
             meta = build_meta(enc, arch_name, config, pixels, history, cfg, parent=parent,
                               version=version, reason=reason, seed=seed)
-            self._complete(version, enc, meta, activate=activate, keep=keep)
+            self._complete(version, enc, meta, activate=activate, keep=keep, reference=reference_sample(pixels, seed=seed))
         return version
 
     def retrain(self, *, since: int | None = None, epochs: int | None = None, replay: float = 1.0,
@@ -540,7 +541,9 @@ class Index:
         ``since``: the first image id of the change (default: :meth:`change_start`). A fifth of
         those images is held out; the rest, plus ``replay`` times as many older images (at least
         ``MIN_REPLAY`` where the store has them), are the training set. Another sample of older
-        images (up to ``REFERENCE_SAMPLE``) is the reference. ``epochs`` defaults to about
+        images (up to ``REFERENCE_SAMPLE``) is the reference. The parent's own reference sample
+        (kept with its checkpoint, see :func:`reference_sample`) is split in two: half is replayed
+        too, half joins the reference, so a small store does not forget what the encoder knew. ``epochs`` defaults to about
         ``FINETUNE_STEPS`` optimiser steps, however few the images. The new version is promoted when its
         reconstruction error on the held-out recent images is lower than the parent's and its error
         on the reference rises by at most ``margin`` (relative); otherwise it is recorded as
@@ -568,8 +571,12 @@ class Index:
         replay_ids = pool[: min(len(pool), max(int(round(len(fit_ids) * replay)), MIN_REPLAY if replay > 0 else 0))]
         train_ids = np.sort(np.concatenate([fit_ids, replay_ids]))
         parent = self.active_version
+        # what the parent was trained for (kept with its checkpoint): half replayed, half checked
+        kept = encoders.load_reference(encoders.version_dir(self.root / "encoders", parent))
+        kept = kept[rng.permutation(len(kept))]
+        kept_check, kept_replay = kept[: len(kept) // 2], kept[len(kept) // 2 :] if replay > 0 else kept[:0]
         with self._building(parent=parent, reason=reason) as version:
-            pixels = self.catalog.pixels(train_ids)
+            pixels = np.concatenate([self.catalog.pixels(train_ids), kept_replay])
             meta_p = self.meta(parent)
             if epochs is None:
                 batch = T.TrainConfig().batch_size
@@ -585,14 +592,15 @@ class Index:
 
             model, history = T.fit(_clone_model(self.encoder(parent)), pixels, cfg, progress=tick)
             candidate = self._wrap(model)
-            val_px, ref_px = self.catalog.pixels(val_ids), self.catalog.pixels(ref_ids)
+            val_px, ref_px = self.catalog.pixels(val_ids), np.concatenate([self.catalog.pixels(ref_ids), kept_check])
             before = {"recent": _mean_error(self.encoder(parent), val_px), "reference": _mean_error(self.encoder(parent), ref_px)}
             after = {"recent": _mean_error(candidate, val_px), "reference": _mean_error(candidate, ref_px)}
             checks = {"recent_error_falls": bool(after["recent"] < before["recent"]),
                       "reference_within_margin": bool(len(ref_px) == 0 or after["reference"] <= before["reference"] * (1 + margin))}
             validation = {
                 "since_image_id": since, "recent_images": int(len(recent)), "trained_on_recent": int(len(fit_ids)),
-                "replayed": int(len(replay_ids)), "held_out_recent": int(len(val_ids)), "reference_images": int(len(ref_ids)),
+                "replayed": int(len(replay_ids) + len(kept_replay)), "held_out_recent": int(len(val_ids)),
+                "reference_images": int(len(ref_px)),
                 "recent_error_before": before["recent"], "recent_error_after": after["recent"],
                 "reference_error_before": before["reference"], "reference_error_after": after["reference"],
                 "margin": margin, **checks, "passed": all(checks.values()),
@@ -607,7 +615,8 @@ class Index:
             meta = build_meta(candidate, meta_p["arch"], meta_p["config"], pixels, history, cfg, parent=parent,
                               version=version, reason=reason, seed=seed)
             meta["validation"] = validation
-            self._complete(version, candidate, meta, activate=activate, keep=keep, stop=stop)
+            self._complete(version, candidate, meta, activate=activate, keep=keep, stop=stop,
+                           reference=reference_sample(pixels, seed=seed))
         state = "active" if activate else "ready"
         return RetrainResult(version, state, validation, None, time.monotonic() - started)
 
@@ -677,12 +686,13 @@ class Index:
             lock.close()
 
     def _complete(self, version: int, enc, meta: dict[str, Any], *, activate: bool, keep: int | None,
-                  stop: threading.Event | None = None) -> None:
-        """Save a trained version (its :class:`Encoder`), build its vectors in the background of
-        searches, switch."""
+                  reference: np.ndarray, stop: threading.Event | None = None) -> None:
+        """Save a trained version (its :class:`Encoder` and reference sample), build its vectors in
+        the background of searches, switch."""
         from flax import nnx
 
-        encoders.save(nnx.merge(enc.graphdef, enc.state), encoders.version_dir(self.root / "encoders", version), meta)
+        encoders.save(nnx.merge(enc.graphdef, enc.state), encoders.version_dir(self.root / "encoders", version), meta,
+                      reference=reference)
         with self._lock:
             self._metas[version] = meta
             self._encoders[version] = enc
@@ -746,6 +756,14 @@ class Index:
                     self.catalog.add_event("retired", version=v, detail={"keep": keep})
                     retired.append(v)
             return retired
+
+
+def reference_sample(pixels: np.ndarray, *, seed: int = 0, size: int = REFERENCE_KEEP) -> np.ndarray:
+    """Up to ``size`` of a version's training images, seeded: kept with its checkpoint."""
+    pixels = np.asarray(pixels, np.uint8)
+    if len(pixels) <= size:
+        return pixels
+    return pixels[np.sort(np.random.default_rng(seed).choice(len(pixels), size, replace=False))]
 
 
 def _mean_error(encoder, pixels: np.ndarray) -> float:

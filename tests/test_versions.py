@@ -288,3 +288,40 @@ def test_cli_rollback_events_drift_and_errors(retrained, tmp_path):
     assert out.exit_code == 1 and out.output.count("\n") == 1 and "only 0 images since image 100000" in out.output
     out = invoke("rollback", "7")
     assert out.exit_code == 1 and "no encoder version 7" in out.output
+
+
+def test_live_watcher_swaps_in_the_background_while_other_processes_search(tmp_path, tmp_path_factory, digits):
+    from conftest import write_pngs
+    from test_watch import WatchProcess
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    env = _env(tmp_path_factory)
+    w = WatchProcess(inbox, store, "--keep", "1", env=env)
+    try:
+        w.wait_for(lambda ev: any(e["event"] == "watching" for e in ev))
+        write_pngs(inbox, digits[0], prefix="a")
+        w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) == N_DIGITS)
+        for i, img in enumerate(dot_glyphs(300)):
+            Image.fromarray(img).save(inbox / f"b{i:04d}.png")
+        w.wait_for(lambda ev: any(e["event"] == "retraining" for e in ev), timeout=120)
+        answered = []
+        while not any(e["event"] in ("activated", "rejected", "build_failed") for e in w.events):
+            out = subprocess.run([EXE, "search", str(inbox / "b0000.png"), "--json", "--store", str(store)],
+                                 capture_output=True, text=True, env=env, timeout=120)
+            assert out.returncode == 0, out.stderr
+            answered.append(json.loads(out.stdout)[0]["encoder_version"])
+        w.wait_for(lambda ev: any(e["event"] == "activated" for e in ev), timeout=5)
+        assert answered and answered[0] == 1  # the old version answered while the new one was built
+        write_pngs(inbox, dot_glyphs(3, seed=77), prefix="c")  # after the swap: stored under version 2
+        w.wait_for(lambda ev: sum(e["event"] == "stored" for e in ev) == N_DIGITS + 303)
+        out = subprocess.run([EXE, "search", str(inbox / "c0001.png"), "--json", "-k", "1", "--store", str(store)],
+                             capture_output=True, text=True, env=env, timeout=120)
+        hit = json.loads(out.stdout)[0]
+        assert hit["encoder_version"] == 2 and hit["path"].endswith("c0001.png")
+    finally:
+        assert w.stop() == 0
+    assert [e["event"] for e in w.events].count("drift") == 1
+    with Index.open(store) as index:
+        assert index.active_version == 2
+        assert {v["version"]: v["state"] for v in index.versions()} == {1: "ready", 2: "active"}  # parent kept

@@ -21,10 +21,10 @@ EXE = str(Path(sys.executable).parent / "streamsim")
 
 
 class WatchProcess:
-    def __init__(self, folder: Path, store: Path, *extra: str):
+    def __init__(self, folder: Path, store: Path, *extra: str, env: dict | None = None):
         self.proc = subprocess.Popen(
             [EXE, "watch", str(folder), "--store", str(store), "--json", "--settle", "0.3", "--rescan", "0.5", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder.parent,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder.parent, env=env,
         )
         self.events: list[dict] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
