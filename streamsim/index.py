@@ -518,12 +518,12 @@ class Index:
             if arch is None:
                 model = _clone_model(self.encoder(parent))
                 arch_name, config = self.meta(parent)["arch"], self.meta(parent)["config"]
-                invariance = float(self.meta(parent).get("train", {}).get("invariance", 0.0))
+                cfg = parent_config(self.meta(parent), epochs=epochs, seed=seed)
             else:
                 from .model import DEFAULT_CONFIGS
-                arch_name, config, invariance = arch, dict(DEFAULT_CONFIGS.get(arch, {})), 0.0
+                arch_name, config = arch, dict(DEFAULT_CONFIGS.get(arch, {}))
                 model = build(arch_name, config, seed=seed)
-            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=invariance)
+                cfg = T.TrainConfig(epochs=epochs, seed=seed)
             model, history = T.fit(model, pixels, cfg, progress=progress)
             enc = self._wrap(model)
             meta = build_meta(enc, arch_name, config, pixels, history, cfg, parent=parent,
@@ -581,8 +581,7 @@ class Index:
             if epochs is None:
                 batch = T.TrainConfig().batch_size
                 epochs = max(1, -(-FINETUNE_STEPS // max(1, len(pixels) // batch)))
-            cfg = T.TrainConfig(epochs=epochs, seed=seed, invariance=float(meta_p.get("train", {}).get("invariance", 0.0)),
-                                learning_rate=FINETUNE_LR)
+            cfg = parent_config(meta_p, epochs=epochs, seed=seed, learning_rate=FINETUNE_LR)
 
             def tick(epoch, total, metrics):
                 if stop is not None and stop.is_set():
@@ -756,6 +755,20 @@ class Index:
                     self.catalog.add_event("retired", version=v, detail={"keep": keep})
                     retired.append(v)
             return retired
+
+
+def parent_config(meta: dict[str, Any], **overrides: Any):
+    """The :class:`~streamsim.train.TrainConfig` a version was trained with (its objective and
+    corruptions, as recorded in its metadata), with ``overrides``; fields this release does not
+    know are ignored."""
+    from . import train as T
+
+    recorded = dict(meta.get("train") or {})
+    fields = {f.name for f in dataclasses.fields(T.TrainConfig)}
+    corr_fields = {f.name for f in dataclasses.fields(T.Corruptions)}
+    corruptions = {k: v for k, v in (recorded.pop("corruptions", None) or {}).items() if k in corr_fields}
+    kwargs = {k: v for k, v in recorded.items() if k in fields}
+    return T.TrainConfig(**{**kwargs, "corruptions": T.Corruptions(**corruptions), **overrides})
 
 
 def reference_sample(pixels: np.ndarray, *, seed: int = 0, size: int = REFERENCE_KEEP) -> np.ndarray:
