@@ -543,17 +543,19 @@ class Index:
         ``MIN_REPLAY`` where the store has them), are the training set. Another sample of older
         images (up to ``REFERENCE_SAMPLE``) is the reference. The parent's own reference sample
         (kept with its checkpoint, see :func:`reference_sample`) is split in two: half is replayed
-        too, half joins the reference, so a small store does not forget what the encoder knew. ``epochs`` defaults to about
-        ``FINETUNE_STEPS`` optimiser steps, however few the images. The new version is promoted when its
-        reconstruction error on the held-out recent images is lower than the parent's and its error
-        on the reference rises by at most ``margin`` (relative); otherwise it is recorded as
-        ``rejected`` with the numbers and the store keeps its version. Setting ``stop`` cancels
-        the build (the version is recorded as ``failed``). Returns a :class:`RetrainResult`.
+        too, half joins the reference, so a small store does not forget what the encoder knew.
+        ``epochs`` defaults to about ``FINETUNE_STEPS`` optimiser steps, however few the images;
+        the objective and corruptions are the parent's (:func:`parent_config`).
+
+        The new version is promoted when its reconstruction error on the held-out recent images is
+        lower than the parent's and its error on the reference rises by at most ``margin``
+        (relative); otherwise it is recorded as ``rejected`` with the numbers and the store keeps
+        its version. Setting ``stop`` cancels the build (the version is recorded as ``failed``).
         """
         from . import train as T
 
         started = time.monotonic()
-        if not 0.0 <= margin:
+        if margin < 0:
             raise ValueError(f"margin must be >= 0, got {margin}")
         since = self.change_start() if since is None else int(since)
         ids = self.catalog.ids()
