@@ -19,6 +19,7 @@ DISTINCT_RATE = 0.01  # at most this fraction of distinct images may have a neig
 COPY_QUANTILE = 0.99
 POOL = 4000  # distinct neighbours are looked for among at most this many images
 DUPLICATE_RANK = 5  # the duplicate rule measures distances against the query's 5th nearest stored image
+SCALE_QUANTILE = 0.5  # ... capped at this quantile of that distance among the calibration images
 
 
 def perturbed_copies(pixels: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -63,20 +64,22 @@ def separating_threshold(copy_dist: np.ndarray, distinct_dist: np.ndarray) -> fl
     return distinct_q
 
 
-def duplicate_scale(sorted_dist: np.ndarray, fallback: float) -> np.ndarray:
+def duplicate_scale(sorted_dist: np.ndarray, typical: float) -> np.ndarray:
     """The yardstick of the duplicate rule for each row of ascending distances from a query to the
-    stored images: its distance to the :data:`DUPLICATE_RANK`-th nearest, or ``fallback`` where
-    the store holds fewer. A candidate is a duplicate when ``distance <= threshold * scale``.
+    stored images: its distance to the :data:`DUPLICATE_RANK`-th nearest, but at most ``typical``
+    (the calibrated median of that distance; also used where the store holds fewer images), so
+    that a sparsely filled store is no more lenient than a full one. A candidate is a duplicate
+    when ``distance <= threshold * scale``.
 
     Example:
-        >>> duplicate_scale(np.array([[0.01, 0.1, 0.2, 0.3, 0.4, 0.5], [0.01, 0.1, np.inf, np.inf, np.inf, np.inf]]), 0.3)
-        array([0.4, 0.3])
+        >>> duplicate_scale(np.array([[0.01, 0.1, 0.2, 0.2, 0.2, 0.5], [0.01, 0.1, np.inf, np.inf, np.inf, np.inf]]), 0.3)
+        array([0.2, 0.3])
     """
     d = np.asarray(sorted_dist, np.float64)
     if d.shape[1] < DUPLICATE_RANK:
-        return np.full(len(d), fallback)
+        return np.full(len(d), typical)
     scale = d[:, DUPLICATE_RANK - 1]
-    return np.where(np.isfinite(scale) & (scale > 0), scale, fallback)
+    return np.where(np.isfinite(scale) & (scale > 0), np.minimum(scale, typical), typical)
 
 
 def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: int = 2000) -> dict[str, Any]:
@@ -99,14 +102,16 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     # copies: distance to their own original, relative to their DUPLICATE_RANK-th nearest stored image
     copy_d = 1.0 - _unit(encoder(perturbed_copies(pixels, seed=seed))) @ pool_u.T
     copy_own = copy_d[np.arange(len(pick)), pick]
-    copy_scale = np.sort(copy_d, axis=1)[:, DUPLICATE_RANK - 1]
+    copy_sorted = np.sort(copy_d, axis=1)
     # distinct images: the nearest other stored image (exact pixel twins are identical, not near)
     d = 1.0 - _unit(codes) @ pool_u.T
     twins = (pixels.reshape(len(pixels), 1, -1) == pool.reshape(1, len(pool), -1)).all(axis=2)
     d[twins] = np.inf
     d = np.sort(d, axis=1)
-    nn_dist, nn_scale = d[:, 0], d[:, DUPLICATE_RANK - 1]
-    copy_rel, nn_rel = copy_own / copy_scale, nn_dist / nn_scale
+    typical = float(np.quantile(d[:, DUPLICATE_RANK - 1], SCALE_QUANTILE))
+    nn_dist = d[:, 0]
+    copy_rel = copy_own / duplicate_scale(copy_sorted, typical)
+    nn_rel = nn_dist / duplicate_scale(d, typical)
     threshold = separating_threshold(copy_rel, nn_rel)
     return {
         "reference": {
@@ -116,11 +121,12 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
         },
         "duplicate_threshold": threshold,
         "duplicate_calibration": {
-            "rule": (f"distance <= threshold x distance to the query's {_ordinal(DUPLICATE_RANK)} nearest stored image; "
+            "rule": (f"distance <= threshold x min(distance to the query's {_ordinal(DUPLICATE_RANK)} nearest stored image, "
+                     "scale_typical); "
                      f"threshold: geometric middle between the copies' q{COPY_QUANTILE * 100:.0f} and the distinct "
                      f"images' q{DISTINCT_RATE * 100:.0f} relative distance when apart, else the latter"),
             "rank": DUPLICATE_RANK,
-            "scale_fallback": float(np.median(nn_scale)),
+            "scale_typical": typical,
             "copy_recall": float(np.mean(copy_rel <= threshold)),
             "distinct_within": float(np.mean(nn_rel <= threshold)),
             "copy_relative_q99": float(np.quantile(copy_rel, COPY_QUANTILE)),

@@ -437,22 +437,23 @@ class Index:
         """Per row of a search result (ascending distances), the hits within the duplicate rule."""
         from .calibrate import duplicate_scale
 
-        threshold, fallback = self.duplicate_rule(version)
-        limit = threshold * duplicate_scale(dist, fallback)
+        threshold, typical = self.duplicate_rule(version)
+        limit = threshold * duplicate_scale(dist, typical)
         return [[(int(key), float(d)) for key, d in zip(keys[i], dist[i]) if key >= 0 and d <= limit[i]]
                 for i in range(len(keys))]
 
     def duplicate_rule(self, version: int | None = None) -> tuple[float, float]:
-        """``(threshold, scale_fallback)`` of ``version`` (default: the active one): a stored image is a
+        """``(threshold, scale_typical)`` of ``version`` (default: the active one): a stored image is a
         near-duplicate of a query when their cosine distance is at most ``threshold`` times the
-        query's distance to its 5th nearest stored image (``scale_fallback`` when the store holds
-        fewer), calibrated on perturbed copies when the version was made (:mod:`streamsim.calibrate`).
-        Versions calibrated before the rule was relative have no fallback and find identical pixels only."""
+        query's distance to its 5th nearest stored image, that distance capped at ``scale_typical``
+        (and taken as it when the store holds fewer images) — both calibrated on perturbed copies
+        and distinct images when the version was made (:mod:`streamsim.calibrate`). Versions
+        calibrated before this rule find identical pixels only."""
         meta = self.meta(self.active_version if version is None else int(version))
         cal = meta.get("duplicate_calibration", {})
-        if "rank" not in cal:
+        if "scale_typical" not in cal:
             return 0.0, 0.0
-        return float(meta["duplicate_threshold"]), float(cal["scale_fallback"])
+        return float(meta["duplicate_threshold"]), float(cal["scale_typical"])
 
     def dedup(self, *, k: int = 16) -> list[dict[str, Any]]:
         """Groups of duplicates across the store, smallest id first: images stored under several
