@@ -1,17 +1,23 @@
 """The three search modes and dedup, on real MNIST digits with the shipped encoder."""
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from streamsim import Index
 from streamsim.perturb import normalise_all, perturb
 
 
 def copy_of(raw):
-    """A near-duplicate the way a re-scan makes one: shifted by a pixel, light noise."""
+    """A near-duplicate the way a re-scan makes one: shifted by a pixel, light noise, scanned at
+    twice the size and saved as a JPEG."""
     f = np.roll(raw.astype(np.float32), (1, -1), axis=(0, 1))
-    f += np.random.default_rng(0).normal(0, 12, f.shape)
-    return np.clip(f, 0, 255).astype(np.uint8)
+    f += np.random.default_rng(0).normal(0, 6, f.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).resize((56, 56), Image.BILINEAR).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(buf))
 
 
 @pytest.fixture(scope="module")
