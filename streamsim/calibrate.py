@@ -2,9 +2,11 @@
 
 - ``reference`` — reconstruction-error statistics on a reference sample (what drift detection
   compares incoming images against);
-- ``duplicate_threshold`` — the largest cosine distance at which ``duplicate`` search still calls a
-  stored image a copy of the query, from perturbed copies (noise, stray pixels, shifts, small
-  rotations, stroke changes, re-normalised like a re-scan) versus distinct images.
+- ``duplicate_threshold`` and ``duplicate_calibration`` — the rule by which ``duplicate`` search
+  and dedup call a stored image a copy of the query: cosine distance at most ``threshold`` times
+  the query's distance to its 5th nearest stored image (capped at ``scale_typical``), calibrated
+  on near-duplicates (shifts, noise, stray pixels, re-normalised like a re-scan) versus distinct
+  images (``docs/search-modes.md``).
 """
 
 from __future__ import annotations
