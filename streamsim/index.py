@@ -39,11 +39,12 @@ SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
 FINETUNE_STEPS = 800  # a fine-tune after drift: about this many optimiser steps over (recent + replay)
 FINETUNE_LR = 5e-4
-GATE_MARGIN = 0.05  # a fine-tune may raise the error on older (reference) images by this much, relative
+GATE_MARGIN = 0.10  # a fine-tune may raise the error on older (reference) images by this much, relative
 MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
 REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
+RECALL_EXPAND = 5  # recall mode also searches with the query's code plus its nearest neighbours' codes
 
 
 class StoreError(ValueError):
@@ -397,9 +398,12 @@ class Index:
     def search(self, image: Any, k: int = 10, *, mode: str = "similar") -> list[Match]:
         """The ``k`` stored images closest to ``image``, best first.
 
-        ``mode``: ``"similar"`` (top-k by distance), ``"duplicate"`` (identical pixels, then copies
-        within the version's calibrated duplicate threshold; may be empty) or ``"recall"`` (several
-        corrected variants of the query searched with a wider pool, lists fused).
+        ``mode``: ``"similar"`` (top-k by distance: search by image, favouring precision),
+        ``"duplicate"`` (identical pixels, then near-duplicates by the version's calibrated rule,
+        :meth:`duplicate_rule`; may be empty) or ``"recall"`` (the query, corrected variants of it
+        and the query expanded by its nearest neighbours, each searched with a wider pool, lists
+        fused: every plausible match, at some cost in precision). ``Match.distance`` is always the
+        cosine distance between codes (in ``recall`` mode, the smallest any variant gives).
         """
         return self.search_many([image], k, mode=mode)[0]
 
@@ -453,32 +457,117 @@ class Index:
         self._known_max = top
 
     def _duplicate_hits(self, pixels, k, enc, vectors, version):
-        threshold = float(self.meta(version).get("duplicate_threshold", 0.0))
-        pool = max(k, 32)
-        keys, dist = vectors.search(enc(pixels), pool)
+        """Identical pixels first (distance 0), then stored images that pass the version's
+        calibrated duplicate rule (:meth:`duplicate_rule`), nearest first."""
+        keys, dist = vectors.search(enc(pixels), max(k, self._dup_rank(version)))
+        near = self._near_duplicates(keys, dist, version)
         out = []
-        for i, px in enumerate(pixels):
+        for px, row in zip(pixels, near):
             exact = self.catalog.find_pixels(px)
-            row = [(key, 0.0) for key in exact]
             seen = set(exact)
-            for key, d in zip(keys[i], dist[i]):
-                if key >= 0 and key not in seen and d <= threshold:
-                    row.append((key, float(d)))
-                    seen.add(key)
-            out.append(row[:k])
+            out.append(([(key, 0.0) for key in exact] + [(key, d) for key, d in row if key not in seen])[:k])
         return out
 
-    def _recall_hits(self, pixels, k, enc, vectors):
-        variants = _query_variants(pixels)  # [V, N, 28, 28]
-        n_var = variants.shape[0]
-        codes = enc(variants.reshape(-1, 28, 28))
-        keys, dist = vectors.search(codes, k * RECALL_POOL)
-        keys = keys.reshape(n_var, len(pixels), -1)
-        dist = dist.reshape(n_var, len(pixels), -1)
+    def _dup_rank(self, version: int) -> int:
+        return int(self.meta(version).get("duplicate_calibration", {}).get("rank", 1))
+
+    def _near_duplicates(self, keys: np.ndarray, dist: np.ndarray, version: int) -> list[list[tuple[int, float]]]:
+        """Per row of a search result (ascending distances), the hits within the duplicate rule."""
+        from .calibrate import duplicate_scale
+
+        threshold, typical = self.duplicate_rule(version)
+        limit = threshold * duplicate_scale(dist, typical)
+        return [[(int(key), float(d)) for key, d in zip(keys[i], dist[i]) if key >= 0 and d <= limit[i]]
+                for i in range(len(keys))]
+
+    def duplicate_rule(self, version: int | None = None) -> tuple[float, float]:
+        """``(threshold, scale_typical)`` of ``version`` (default: the active one): a stored image is a
+        near-duplicate of a query when their cosine distance is at most ``threshold`` times the
+        query's distance to its 5th nearest stored image, that distance capped at ``scale_typical``
+        (and taken as it when the store holds fewer images) — both calibrated on perturbed copies
+        and distinct images when the version was made (:mod:`streamsim.calibrate`). Versions
+        calibrated before this rule find identical pixels only."""
+        meta = self.meta(self.active_version if version is None else int(version))
+        cal = meta.get("duplicate_calibration", {})
+        if "scale_typical" not in cal:
+            return 0.0, 0.0
+        return float(meta["duplicate_threshold"]), float(cal["scale_typical"])
+
+    def dedup(self, *, k: int = 16) -> list[dict[str, Any]]:
+        """Groups of duplicates across the store, smallest id first: images stored under several
+        paths, images with identical pixels, and near-duplicates — each stored image searched
+        against the others with the rule ``search(..., mode="duplicate")`` applies
+        (:meth:`duplicate_rule`), links joined transitively. Each group: ``{"ids", "paths",
+        "max_distance"}``, where ``max_distance`` is the largest cosine distance of a link that
+        joined the group (0 for identical pixels); each image's ``k`` nearest neighbours are examined.
+        """
+        with self._lock:
+            v = self.active_version
+            vectors = self._vectors_for(v)
+            self._catch_up(v)
+            rank = self._dup_rank(v)
+            parent: dict[int, int] = {}
+            worst: dict[int, float] = {}
+
+            def root(a: int) -> int:
+                while parent.setdefault(a, a) != a:
+                    parent[a] = parent[parent[a]]
+                    a = parent[a]
+                return a
+
+            def join(a: int, b: int, d: float) -> None:
+                ra, rb = root(a), root(b)
+                top = max(worst.pop(ra, 0.0), worst.pop(rb, 0.0), d)
+                parent[max(ra, rb)] = min(ra, rb)
+                worst[min(ra, rb)] = top
+
+            for g in self.catalog.identical_file_groups():
+                for i in g["ids"]:
+                    join(g["ids"][0], i, 0.0)
+            ids = self.catalog.ids()
+            width = max(k, rank) + 1
+            for start in range(0, len(ids), 4096):
+                chunk = ids[start : start + 4096]
+                keys, dist = vectors.search(vectors.get(chunk), width)
+                # each image is a query against the others: drop itself from its own row
+                others = keys != chunk[:, None]
+                keys = np.stack([np.concatenate([r[m], [-1] * (width - m.sum())]) for r, m in zip(keys, others)])
+                dist = np.stack([np.concatenate([r[m], [np.inf] * (width - m.sum())]) for r, m in zip(dist, others)])
+                for a, row in zip(chunk, self._near_duplicates(keys[:, :-1], dist[:, :-1], v)):
+                    for b, d in row:
+                        join(int(a), b, d)
+        groups: dict[int, list[int]] = {}
+        for a in parent:
+            groups.setdefault(root(a), []).append(a)
         out = []
-        for i in range(len(pixels)):
+        for r, members in groups.items():
+            members.sort()
+            paths = [p for i in members for p in (self.catalog.get(i) or {}).get("paths", [])]
+            if len(members) > 1 or len(paths) > 1:
+                out.append({"ids": members, "paths": paths, "max_distance": round(worst.get(r, 0.0), 6)})
+        return sorted(out, key=lambda g: g["ids"][0])
+
+    def _recall_hits(self, pixels, k, enc, vectors):
+        """Every plausible match: the query, corrected variants of it (±1 px shifts, thicker and
+        thinner strokes) and the query expanded by its nearest stored neighbours (their mean code:
+        pseudo-relevance feedback) are each searched with a wider pool; a candidate's distance is
+        the smallest any of them gives it."""
+        variants = _query_variants(pixels)  # [V, N, 28, 28]
+        n_var, n = variants.shape[0], len(pixels)
+        codes = enc(variants.reshape(-1, 28, 28)).reshape(n_var, n, -1)
+        expand = min(RECALL_EXPAND, len(vectors))
+        if expand:
+            near, _ = vectors.search(codes[0], expand)
+            neigh = _unit(vectors.get(near.reshape(-1))).reshape(n, expand, -1)
+            expanded = _unit(codes[0]) + neigh.sum(axis=1)
+            codes = np.concatenate([codes, expanded[None]])
+        keys, dist = vectors.search(codes.reshape(-1, codes.shape[-1]), k * RECALL_POOL)
+        keys = keys.reshape(len(codes), n, -1)
+        dist = dist.reshape(len(codes), n, -1)
+        out = []
+        for i in range(n):
             best: dict[int, float] = {}
-            for vi in range(n_var):
+            for vi in range(len(codes)):
                 for key, d in zip(keys[vi, i], dist[vi, i]):
                     if key >= 0 and d < best.get(int(key), np.inf):
                         best[int(key)] = float(d)
@@ -580,10 +669,10 @@ class Index:
         with self._building(parent=parent, reason=reason) as version:
             pixels = np.concatenate([self.catalog.pixels(train_ids), kept_replay])
             meta_p = self.meta(parent)
+            cfg = parent_config(meta_p, seed=seed, learning_rate=FINETUNE_LR)
             if epochs is None:
-                batch = T.TrainConfig().batch_size
-                epochs = max(1, -(-FINETUNE_STEPS // max(1, len(pixels) // batch)))
-            cfg = parent_config(meta_p, epochs=epochs, seed=seed, learning_rate=FINETUNE_LR)
+                epochs = max(1, -(-FINETUNE_STEPS // max(1, len(pixels) // cfg.batch_size)))
+            cfg = dataclasses.replace(cfg, epochs=epochs)
 
             def tick(epoch, total, metrics):
                 if stop is not None and stop.is_set():
@@ -912,6 +1001,10 @@ def build_meta(enc, arch: str, config: dict, pixels: np.ndarray, history: dict, 
         "final_loss": round(float(history["recon"][-1]), 6) if history.get("recon") else None,
         **cal,
     }
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
 
 
 def _query_variants(pixels: np.ndarray) -> np.ndarray:

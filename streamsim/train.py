@@ -64,6 +64,8 @@ class TrainConfig:
     batch_size: int = 128
     learning_rate: float = 1e-3
     invariance: float = 0.0  # weight of the code-invariance term
+    contrastive: float = 0.0  # weight of the instance-discrimination (NT-Xent) term between two views
+    temperature: float = 0.1  # of the NT-Xent term
     seed: int = 0
     corruptions: Corruptions = dataclasses.field(default_factory=Corruptions)
 
@@ -139,28 +141,57 @@ def _cosine_gap(a: jax.Array, b: jax.Array) -> jax.Array:
     return 1.0 - jnp.sum(a * b, axis=-1)
 
 
-def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: TrainConfig):
-    """A pure, jitted ``train_step(params, opt_state, batch_uint8, key) -> (params, opt_state, metrics)``."""
+def nt_xent(a: jax.Array, b: jax.Array, temperature: float) -> jax.Array:
+    """Instance discrimination between two views: row ``i`` of ``a`` must pick row ``i`` of ``b``
+    (and vice versa) among the batch, by cosine similarity / ``temperature``."""
+    a = a / (jnp.linalg.norm(a, axis=-1, keepdims=True) + 1e-6)
+    b = b / (jnp.linalg.norm(b, axis=-1, keepdims=True) + 1e-6)
+    logits = a @ b.T / temperature
+    labels = jnp.arange(a.shape[0])
+    return 0.5 * (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+                  + optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean())
 
-    def loss_fn(params, x_noisy, x_clean):
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, config: TrainConfig):
+    """A pure, jitted ``train_step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+
+    ``batch`` is uint8 pixels ``[B, 28, 28]``, or a pair ``(pixels, views)`` where ``views`` are
+    ready-made corrupted copies of the same images (say, re-normalised scans); without views the
+    second view is another draw of :func:`corrupt`. The model reconstructs the clean image from
+    each view; ``contrastive`` weighs an NT-Xent term between the two views' codes and
+    ``invariance`` a cosine pull of the first view's code to the clean image's.
+    """
+    two_views = config.contrastive > 0
+
+    def loss_fn(params, x1, x2, x_clean):
         model = nnx.merge(graphdef, params)
-        z = model.encode(x_noisy)
+        z = model.encode(x1)
         recon = bce(model.decode(z), x_clean).mean()
+        if two_views:
+            z2 = model.encode(x2)
+            recon = 0.5 * (recon + bce(model.decode(z2), x_clean).mean())
+            con = nt_xent(z, z2, config.temperature)
+        else:
+            con = jnp.zeros(())
         if config.invariance > 0:
             z_clean = jax.lax.stop_gradient(model.encode(x_clean))
             inv = _cosine_gap(z, z_clean).mean()
         else:
             inv = jnp.zeros(())
-        return recon + config.invariance * inv, (recon, inv)
+        return recon + config.invariance * inv + config.contrastive * con, (recon, inv, con)
 
     @jax.jit
     def train_step(params, opt_state, batch, key):
-        x = batch.astype(jnp.float32) / 255.0
-        x_noisy = corrupt(key, x, config.corruptions)
-        (loss, (recon, inv)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x_noisy, x)
+        pixels, views = batch if isinstance(batch, tuple) else (batch, None)
+        x = pixels.astype(jnp.float32) / 255.0
+        k1, k2 = jax.random.split(key)
+        x1 = corrupt(k1, x, config.corruptions)
+        x2 = x1 if not two_views else (corrupt(k2, x, config.corruptions) if views is None
+                                       else views.astype(jnp.float32) / 255.0)
+        (loss, (recon, inv, con)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x1, x2, x)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "recon": recon, "invariance": inv}
+        return params, opt_state, {"loss": loss, "recon": recon, "invariance": inv, "contrastive": con}
 
     return train_step
 
@@ -170,15 +201,23 @@ def fit(
     images: np.ndarray,
     config: TrainConfig = TrainConfig(),
     *,
+    views: np.ndarray | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> tuple[nnx.Module, dict[str, list[float]]]:
     """Train ``model`` on uint8 pixels ``[N, 28, 28]``; returns the trained model and loss history.
 
-    The input model is not modified. ``progress(epoch, epochs, metrics)`` is called after each epoch.
+    ``views`` (uint8 ``[N, V, 28, 28]``, optional) are ready-made corrupted copies of each image;
+    with a ``contrastive`` weight, each step pairs a fresh corruption of an image with one of its
+    views. The input model is not modified. ``progress(epoch, epochs, metrics)`` is called after
+    each epoch.
     """
     images = np.asarray(images, np.uint8)
     if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or len(images) == 0:
         raise ValueError(f"training needs uint8 pixels [N, 28, 28] with N > 0, got {images.shape}")
+    if views is not None:
+        views = np.asarray(views, np.uint8)
+        if views.ndim != 4 or views.shape[0] != len(images) or views.shape[2:] != (SIDE, SIDE):
+            raise ValueError(f"views must be uint8 [N, V, 28, 28] with N = {len(images)}, got {views.shape}")
     graphdef, params = nnx.split(model)
     optimizer = make_optimizer(config.learning_rate)
     opt_state = optimizer.init(params)
@@ -188,15 +227,18 @@ def fit(
     bs = min(config.batch_size, n)
     steps = max(1, n // bs)
     data = jnp.asarray(images)
-    history: dict[str, list[float]] = {"loss": [], "recon": [], "invariance": [], "seconds": []}
+    view_data = None if views is None else jnp.asarray(views)
+    history: dict[str, list[float]] = {"loss": [], "recon": [], "invariance": [], "contrastive": [], "seconds": []}
     t0 = time.perf_counter()
     for epoch in range(config.epochs):
-        key, kperm = jax.random.split(key)
+        key, kperm, kview = jax.random.split(key, 3)
         perm = jax.random.permutation(kperm, n)
-        sums = {"loss": 0.0, "recon": 0.0, "invariance": 0.0}
+        pick = None if view_data is None else jax.random.randint(kview, (n,), 0, view_data.shape[1])
+        sums = {"loss": 0.0, "recon": 0.0, "invariance": 0.0, "contrastive": 0.0}
         for i in range(steps):
             key, kstep = jax.random.split(key)
-            batch = data[perm[i * bs : (i + 1) * bs]]
+            rows = perm[i * bs : (i + 1) * bs]
+            batch = data[rows] if view_data is None else (data[rows], view_data[rows, pick[rows]])
             params, opt_state, metrics = step(params, opt_state, batch, kstep)
             for name in sums:
                 sums[name] += float(metrics[name])

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["streamsim.images", "streamsim.model", "streamsim.train", "streamsim.index"]
+MODULES = ["streamsim.images", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
+           "streamsim.perturb", "streamsim.calibrate"]
 
 
 @pytest.mark.parametrize("name", MODULES)

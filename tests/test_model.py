@@ -103,3 +103,22 @@ def test_fast_weights_match_orbax_and_tampering_falls_back(tmp_path, glyphs):
     assert encoders._load_weights(d, meta) is None  # hash mismatch: not trusted
     again, _ = encoders.load(d)  # falls back to the orbax checkpoint
     np.testing.assert_array_equal(M.Encoder(again)(glyphs), M.Encoder(slow)(glyphs))
+
+
+@pytest.mark.parametrize("arch", M.ARCHITECTURES)
+def test_contrastive_training_with_views(arch, glyphs):
+    views = np.stack([np.roll(glyphs, 1, axis=2), np.roll(glyphs, -1, axis=1)], axis=1)
+    cfg = T.TrainConfig(epochs=2, batch_size=16, contrastive=1.0, seed=0)
+    m1, h1 = T.fit(M.build(arch, seed=0), glyphs, cfg, views=views)
+    m2, h2 = T.fit(M.build(arch, seed=0), glyphs, cfg, views=views)
+    assert h1["loss"] == h2["loss"] and h1["contrastive"][-1] > 0
+    assert h1["contrastive"][-1] < h1["contrastive"][0] or h1["recon"][-1] < h1["recon"][0]
+    with pytest.raises(ValueError, match="views must be"):
+        T.fit(M.build(arch, seed=0), glyphs, cfg, views=views[:10])
+
+
+def test_nt_xent_prefers_matching_rows():
+    import jax.numpy as jnp
+
+    a = jnp.eye(4)
+    assert float(T.nt_xent(a, a, 0.1)) < float(T.nt_xent(a, a[::-1], 0.1))

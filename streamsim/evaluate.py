@@ -1,0 +1,321 @@
+"""Retrieval quality on a labelled set of images: streamsim against baselines, under perturbations.
+
+:func:`evaluate` builds a temporary store from the images, then measures, in one run and on the
+same queries, streamsim (through :class:`~streamsim.index.Index`) and the baselines — raw pixels,
+centre-of-mass-centred pixels (both cosine, exact) and, when the optional ``imagehash`` package is
+importable, a 64-bit perceptual hash (Hamming distance):
+
+- ``retrieval[condition]`` — ``p_at_10``, ``map`` (mean average precision over the top 100) and
+  ``recall_at_100`` for clean queries and for queries under each perturbation of
+  :data:`PERTURBATIONS`. A query is a stored image (or a perturbed copy of one); the relevant
+  images are the *other* stored images with its label, and the query's own original is left out
+  of the ranking, so a perturbed query is scored on finding the rest of its class;
+- ``neardup_top1`` — a copy with clipped noise σ 0.3 and a random shift of ±3 px: is its
+  original the first hit?
+- streamsim only: ``duplicate_mode`` — ``recall`` (the original is among the ``duplicate``-mode
+  hits of its near-duplicate copy) and ``false_duplicate_rate`` (unseen images, held out of the
+  store, for which ``duplicate`` mode returns anything); ``recall_mode`` — ``recall_at_100`` of
+  ``recall``-mode search, on clean and on perturbed queries, next to ``similar``'s.
+
+Perturbations (:mod:`streamsim.perturb`) are applied to the images as given (any size, either
+polarity), then every query goes through the same normalisation as any input.
+
+Example:
+    >>> perturb(np.zeros((2, 28, 28), np.uint8), "shift", seed=0).shape
+    (2, 28, 28)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .perturb import PERTURBATIONS, normalise_all, perturb
+
+CONDITIONS = ("clean", *PERTURBATIONS)
+METRICS = ("p_at_10", "map", "recall_at_100")
+TOP = 100  # ranks scored by map and recall_at_100
+BAD_DATA_MSG = "{path}: {reason}; expected an .npz with `images` (uint8 [N, H, W]) and `labels` ([N])"
+
+
+class EvalDataError(ValueError):
+    """The evaluation data cannot be used; the message names the file and what to fix."""
+
+
+def load_data(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, H, W], labels [N])`` from an ``.npz``, read without pickle."""
+    p = Path(path)
+
+    def bad(reason: str) -> EvalDataError:
+        return EvalDataError(BAD_DATA_MSG.format(path=p, reason=reason))
+
+    if not p.is_file():
+        raise bad("no such file")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in ("images", "labels") if k not in z.files]
+            if missing:
+                raise bad(f"no {' or '.join(repr(k) for k in missing)} array (it has: {', '.join(z.files) or 'nothing'})")
+            x, y = z["images"], z["labels"]
+    except EvalDataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # one line, no traceback
+        raise bad(f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    if x.dtype != np.uint8 or x.ndim != 3 or min(x.shape) == 0:
+        raise bad(f"`images` must be a non-empty uint8 array [N, H, W], got {x.dtype} {list(x.shape)}")
+    if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iuUSb":
+        raise bad(f"`labels` must be [N] integers or strings matching the {len(x)} images, got {y.dtype} {list(y.shape)}")
+    if len(x) < 3:
+        raise bad(f"need at least 3 images, got {len(x)}")
+    return x, y
+
+
+# -- metrics ----------------------------------------------------------------------------------
+
+
+def ranking_metrics(ranked_labels: np.ndarray, query_labels: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
+    """P@10, mAP over the top :data:`TOP` and recall@100 from the labels of ranked results.
+
+    ``ranked_labels`` ``[Q, ≥100]`` (the query's own original already left out), ``relevant``
+    ``[Q]``: how many relevant images each query could find.
+
+    Example:
+        >>> r = ranking_metrics(np.array([[1] * 5 + [0] * 95]), np.array([1]), np.array([5]))
+        >>> r["p_at_10"], r["map"], r["recall_at_100"]
+        (0.5, 1.0, 1.0)
+    """
+    hit = ranked_labels[:, :TOP] == np.asarray(query_labels)[:, None]
+    cum = np.cumsum(hit, axis=1)
+    ranks = np.arange(1, hit.shape[1] + 1)
+    denom = np.maximum(np.minimum(relevant, TOP), 1)
+    ap = (hit * cum / ranks).sum(axis=1) / denom
+    rec = cum[:, -1] / np.maximum(relevant, 1)
+    return {"p_at_10": float(hit[:, :10].mean()), "map": float(ap.mean()), "recall_at_100": float(rec.mean())}
+
+
+# -- methods ----------------------------------------------------------------------------------
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32).reshape(len(v), -1)
+    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the ``k`` highest scores per row, best first."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """A baseline: how to turn (raw images, their normalised pixels) into vectors, and how to score."""
+
+    name: str
+    vectors: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    hamming: bool = False
+
+    def rank(self, stored: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+        if self.hamming:  # boolean hashes: fewer differing bits is closer
+            scores = (queries.astype(np.float32) * 2 - 1) @ (stored.astype(np.float32) * 2 - 1).T
+        else:
+            scores = _unit(queries) @ _unit(stored).T
+        return _top(scores, k)
+
+
+def _phash(raw: np.ndarray, _px: np.ndarray) -> np.ndarray:
+    import imagehash
+    from PIL import Image
+
+    return np.stack([imagehash.phash(Image.fromarray(img)).hash.reshape(-1) for img in raw])
+
+
+def baselines() -> list[Baseline]:
+    """Raw pixels and centred pixels (cosine), plus pHash-64 when ``imagehash`` is importable."""
+    out = [Baseline("raw_pixels", lambda raw, px: raw.reshape(len(raw), -1)),
+           Baseline("centred_pixels", lambda raw, px: px.reshape(len(px), -1))]
+    try:
+        import imagehash  # noqa: F401
+    except ImportError:
+        return out
+    return [*out, Baseline("phash", _phash, hamming=True)]
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Which images are stored, which stored ones are queries, which are held out (unseen)."""
+
+    stored: np.ndarray  # indices into the data
+    queries: np.ndarray  # positions into ``stored``
+    unseen: np.ndarray  # indices into the data, never stored
+
+    @classmethod
+    def make(cls, n: int, *, queries: int, seed: int) -> Split:
+        rng = np.random.default_rng(seed)
+        perm = rng.permutation(n)
+        n_unseen = min(queries, max(1, n // 10)) if n >= 10 else 1
+        unseen, stored = np.sort(perm[:n_unseen]), np.sort(perm[n_unseen:])
+        q = np.sort(rng.choice(len(stored), min(queries, len(stored)), replace=False))
+        return cls(stored, q, unseen)
+
+
+def _without_self(ranked: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Drop each row's own original from a ranking of positions, keep ``k`` columns (-1 pads)."""
+    out = np.full((len(ranked), k), -1, np.int64)
+    for i, row in enumerate(ranked):
+        kept = row[(row != own[i]) & (row >= 0)][:k]
+        out[i, : len(kept)] = kept
+    return out
+
+
+def _scores(ranked: np.ndarray, labels: np.ndarray, qlabels: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
+    lab = np.where(ranked >= 0, labels[np.maximum(ranked, 0)], -1)  # labels are ≥ 0; -1: no hit
+    return ranking_metrics(lab, qlabels, relevant)
+
+
+def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000, seed: int = 0,
+             checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure streamsim and the baselines on labelled images; returns the report (see module doc).
+
+    ``checkpoint`` is an encoder folder to evaluate (default: the shipped encoder).
+    """
+    from .index import Index
+
+    t0 = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    x = np.asarray(data_images, np.uint8)
+    y = np.asarray(labels)
+    if y.dtype.kind in "US":
+        y = np.unique(y, return_inverse=True)[1]
+    y = y.astype(np.int64)
+    split = Split.make(len(x), queries=queries, seed=seed)
+    raw_s, lab_s = x[split.stored], y[split.stored]
+    px_s = normalise_all(raw_s)
+    q_raw, q_lab, q_own = raw_s[split.queries], lab_s[split.queries], split.queries
+    relevant = np.bincount(lab_s, minlength=y.max() + 1)[q_lab] - 1
+    say(f"{len(x)} images: {len(raw_s)} stored, {len(q_raw)} queries, {len(split.unseen)} unseen")
+
+    conditions: dict[str, tuple[np.ndarray, np.ndarray]] = {"clean": (q_raw, px_s[q_own])}
+    for n, kind in enumerate(PERTURBATIONS, 1):
+        r = perturb(q_raw, kind, seed=seed + n)
+        conditions[kind] = (r, normalise_all(r, px_s[q_own]))
+    nd_raw = perturb(q_raw, "neardup", seed=seed + 99)
+    nd_px = normalise_all(nd_raw, px_s[q_own])
+    say("perturbed the queries")
+
+    methods: dict[str, dict[str, Any]] = {}
+    for b in baselines():
+        vs = b.vectors(raw_s, px_s)
+        res = {}
+        for name, (r, p) in conditions.items():
+            ranked = _without_self(b.rank(vs, b.vectors(r, p), TOP + 1), q_own, TOP)
+            res[name] = _scores(ranked, lab_s, q_lab, relevant)
+        top1 = b.rank(vs, b.vectors(nd_raw, nd_px), 1)[:, 0]
+        methods[b.name] = {"retrieval": res, "neardup_top1": float(np.mean(top1 == q_own))}
+        say(f"baseline {b.name} done")
+
+    with tempfile.TemporaryDirectory(prefix="streamsim-eval-") as d:
+        if checkpoint is not None:
+            from . import encoders
+
+            src = Path(checkpoint)
+            if not encoders.is_complete(src):
+                raise EvalDataError(f"{src}: not a finished encoder checkpoint (needs meta.json and state/)")
+            import shutil
+
+            shutil.copytree(src, encoders.version_dir(Path(d) / "encoders", 1), ignore=shutil.ignore_patterns("*.md", "*.py"))
+        with Index.open(d) as index:
+            ids = np.asarray(index.add_many(raw_s), np.int64)
+            pos = np.full(int(ids.max()) + 1, -1, np.int64)
+            pos[ids] = np.arange(len(ids))
+            say("built the store")
+            methods["streamsim"] = _measure_index(index, pos, conditions, nd_px, lab_s, q_lab, q_own, relevant,
+                                                  normalise_all(x[split.unseen]), seed=seed)
+            version = index.active_version
+            meta = index.meta(version)
+    say("streamsim done")
+    order = ["streamsim", *[m for m in methods if m != "streamsim"]]
+    return {
+        "data": {"images": len(x), "stored": len(raw_s), "queries": len(q_raw),
+                 "unseen": len(split.unseen), "classes": len(np.unique(y)),
+                 "image_shape": [int(s) for s in x.shape[1:]], "seed": int(seed)},
+        "encoder": {"version": int(version), "arch": meta.get("arch"),
+                    "duplicate_threshold": meta.get("duplicate_threshold")},
+        "conditions": list(CONDITIONS),
+        "methods": {m: methods[m] for m in order},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def _measure_index(index, pos, conditions, nd_px, lab_s, q_lab, q_own, relevant, unseen_px, *, seed) -> dict[str, Any]:
+    def ranked(px, k, mode="similar"):
+        rows = index.search_pixels(px, k, mode=mode)
+        out = np.full((len(rows), k), -1, np.int64)
+        for i, row in enumerate(rows):
+            got = [pos[m.id] for m in row]
+            out[i, : len(got)] = got
+        return out
+
+    res = {name: _scores(_without_self(ranked(p, TOP + 1), q_own, TOP), lab_s, q_lab, relevant)
+           for name, (_r, p) in conditions.items()}
+    top1 = ranked(nd_px, 1)[:, 0]
+    dup = index.search_pixels(nd_px, 10, mode="duplicate")
+    dup_recall = float(np.mean([any(pos[m.id] == q_own[i] for m in row) for i, row in enumerate(dup)]))
+    false_dup = index.search_pixels(unseen_px, 1, mode="duplicate") if len(unseen_px) else []
+    # recall mode on clean queries, and on perturbed ones (each query under one perturbation, in turn)
+    mixed = np.stack([conditions[PERTURBATIONS[i % len(PERTURBATIONS)]][1][i] for i in range(len(q_own))])
+    clean_px = conditions["clean"][1]
+    recall_mode = {
+        "recall_at_100": _scores(_without_self(ranked(clean_px, TOP + 1, "recall"), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
+        "recall_at_100_perturbed": _scores(_without_self(ranked(mixed, TOP + 1, "recall"), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
+        "similar_recall_at_100": res["clean"]["recall_at_100"],
+        "similar_recall_at_100_perturbed": _scores(_without_self(ranked(mixed, TOP + 1), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
+    }
+    return {
+        "retrieval": res,
+        "neardup_top1": float(np.mean(top1 == q_own)),
+        "duplicate_mode": {"recall": dup_recall,
+                           "false_duplicate_rate": float(np.mean([bool(r) for r in false_dup])) if len(unseen_px) else 0.0},
+        "recall_mode": recall_mode,
+    }
+
+
+# -- for people -------------------------------------------------------------------------------
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as plain-text tables."""
+    d = report["data"]
+    head = (f"{d['images']} images ({d['classes']} classes): {d['stored']} stored, {d['queries']} queries, "
+            f"{d['unseen']} unseen; encoder v{report['encoder']['version']} ({report['encoder']['arch']}); "
+            f"{report['seconds']:.1f} s")
+    lines = [head, ""]
+    names = list(report["methods"])
+    width = max(len(n) for n in names) + 2
+    for metric, title in (("p_at_10", "precision@10"), ("map", "mAP@100"), ("recall_at_100", "recall@100")):
+        lines.append(f"{title:<{width}}" + "".join(f"{c:>12}" for c in report["conditions"]))
+        for n in names:
+            r = report["methods"][n]["retrieval"]
+            lines.append(f"{n:<{width}}" + "".join(f"{r[c][metric]:>12.3f}" for c in report["conditions"]))
+        lines.append("")
+    lines.append("near-duplicate top-1 (noise σ 0.3 + shift ±3 px): " + ", ".join(
+        f"{n} {report['methods'][n]['neardup_top1']:.3f}" for n in names))
+    s = report["methods"]["streamsim"]
+    lines.append(f"duplicate mode: recall {s['duplicate_mode']['recall']:.3f}, "
+                 f"false-duplicate rate {s['duplicate_mode']['false_duplicate_rate']:.3f}")
+    rm = s["recall_mode"]
+    lines.append(f"recall mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}), "
+                 f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f})")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""The three search modes and dedup, on real MNIST digits with the shipped encoder."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from streamsim import Index
+from streamsim.perturb import normalise_all, perturb
+
+
+def copy_of(raw):
+    """A near-duplicate the way a re-scan makes one: shifted by a pixel, light noise, scanned at
+    twice the size and saved as a JPEG."""
+    f = np.roll(raw.astype(np.float32), (1, -1), axis=(0, 1))
+    f += np.random.default_rng(0).normal(0, 6, f.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(f, 0, 255).astype(np.uint8)).resize((56, 56), Image.BILINEAR).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(buf))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits):
+    x, _ = digits
+    with Index.open(tmp_path_factory.mktemp("modes") / "s") as index:
+        ids = index.add_many(x[:120])
+        yield index, ids
+
+
+def test_duplicate_finds_a_copy_and_identical_pixels_first(store, digits):
+    index, ids = store
+    x, _ = digits
+    query = copy_of(x[5])
+    hits = index.search(query, k=5, mode="duplicate")
+    assert hits and hits[0].id == ids[5] and hits[0].distance > 0
+    threshold, _ = index.duplicate_rule()
+    fifth = index.search(query, k=5)[-1].distance  # the rule's yardstick: the 5th nearest stored image
+    assert all(h.distance <= threshold * fifth + 1e-6 for h in hits)
+    same = index.search(x[7], k=5, mode="duplicate")
+    assert same[0].id == ids[7] and same[0].distance == 0.0
+
+
+def test_duplicate_returns_nothing_for_distinct_images(store, digits):
+    index, _ = store
+    x, _ = digits
+    # unseen digits whose classes are stored many times over: similar finds their class, duplicate nothing
+    unseen = x[150:190]
+    found = [bool(index.search(img, k=5, mode="duplicate")) for img in unseen]
+    assert sum(found) <= 1
+    similar = index.search(unseen[0], k=5)
+    assert len(similar) == 5
+
+
+def test_recall_mode_covers_what_similar_finds(store, digits):
+    index, _ = store
+    x, _ = digits
+    queries = x[130:150]
+    sim = index.search_many(queries, k=10)
+    rec = index.search_many(queries, k=20, mode="recall")
+    covered = np.mean([len({m.id for m in s} & {m.id for m in r}) / len(s) for s, r in zip(sim, rec)])
+    assert covered >= 0.8
+    assert all(len(r) == 20 for r in rec)
+    assert all([m.distance for m in r] == sorted(m.distance for m in r) for r in rec)
+
+
+def test_dedup_groups_near_duplicates_and_identical_files(tmp_path, digits, digit_files):
+    x, _ = digits
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(digit_files[2].read_bytes())
+    with Index.open(tmp_path / "s") as index:
+        ids = index.add_many(digit_files[:20])
+        twin_id = index.add(twin)
+        copy_id = index.add(copy_of(x[3]))
+        groups = index.dedup()
+    by_id = {i: g for g in groups for i in g["ids"]}
+    assert twin_id == ids[2] and len(by_id[ids[2]]["paths"]) == 2
+    assert copy_id in by_id[ids[3]]["ids"]
+    assert all(len(g["ids"]) <= 2 for g in groups)  # distinct digits are never joined
+
+
+def test_perturbations_are_seeded_and_keep_polarity(digits):
+    x, _ = digits
+    for kind in ("noise", "salt_pepper", "shift", "rotation", "elastic", "stroke", "neardup"):
+        a, b = perturb(x[:4], kind, seed=1), perturb(x[:4], kind, seed=1)
+        assert a.dtype == np.uint8 and a.shape == (4, 28, 28) and np.array_equal(a, b)
+    dark = 255 - x[:4]  # dark ink on white paper stays that way
+    shifted = perturb(dark, "shift", seed=0)
+    assert np.median(shifted[:, 0]) == 255
+    assert normalise_all(shifted).shape == (4, 28, 28)
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        perturb(x[:1], "smudge")
