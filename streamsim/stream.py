@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import drift, images
-from .index import MIN_RECENT, BuildCancelled, StoreError, file_stat
+from .index import MIN_RECENT, BuildCancelled, file_stat
 
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
@@ -395,8 +395,8 @@ class Watcher:
                                        **({"reason": r.rejected_because} if r.rejected_because else {})}
             except BuildCancelled:
                 self._build_outcome = {"event": "build_cancelled"}
-            except (StoreError, ValueError, OSError, FloatingPointError) as e:
-                self._build_outcome = {"event": "build_failed", "reason": str(e)}
+            except Exception as e:  # noqa: BLE001 - the watcher reports it and goes on ingesting
+                self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}"}
 
         self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
         self._build.start()
