@@ -115,6 +115,7 @@ class Index:
         self._lock = threading.RLock()
         self._encoders: dict[int, Any] = {}
         self._metas: dict[int, dict] = {}
+        self._normalisers: dict[int, drift.Normaliser] = {}
         self._vectors = None
         self._vectors_version: int | None = None
         self._last_save = time.monotonic()
@@ -241,7 +242,9 @@ class Index:
     def normaliser(self, version: int | None = None) -> drift.Normaliser:
         """How ``version`` (default: the active one) turns reconstruction error into a drift score."""
         version = self.active_version if version is None else int(version)
-        return drift.Normaliser.from_meta(self.meta(version))
+        if version not in self._normalisers:
+            self._normalisers[version] = drift.Normaliser.from_meta(self.meta(version))
+        return self._normalisers[version]
 
     def encoder(self, version: int | None = None):
         """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
@@ -759,6 +762,7 @@ class Index:
         with self._lock:
             self._encoders.pop(version, None)
             self._metas.pop(version, None)
+            self._normalisers.pop(version, None)
 
     def _discard_dead_builds(self) -> None:
         """Versions left ``building`` by a process that died: marked ``failed``, files removed."""
@@ -876,23 +880,34 @@ def _mean_error(encoder, pixels: np.ndarray) -> float:
     return float(np.mean(encoder.encode_with_error(pixels)[1]))
 
 
-def _lock_builds(root: Path):
-    """Hold ``<store>/build.lock`` (one version build at a time per store) until closed."""
+def try_lock(path: Path):
+    """Take an exclusive ``flock`` on ``path`` (created if missing) and write our pid in it.
+
+    Returns ``(file, None)`` — the lock is held for as long as ``file`` stays open — or
+    ``(None, holder)`` when another process holds it (``holder``: the pid it wrote)."""
     import fcntl
 
-    f = open(root / "build.lock", "a+")
+    f = open(path, "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise StoreError(f"{root}: an encoder version is being built already (pid {holder}); "
-                         "wait for it (see `streamsim versions`)") from None
+        return None, holder
     f.seek(0)
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
+    return f, None
+
+
+def _lock_builds(root: Path):
+    """Hold ``<store>/build.lock`` (one version build at a time per store) until closed."""
+    f, holder = try_lock(root / "build.lock")
+    if f is None:
+        raise StoreError(f"{root}: an encoder version is being built already (pid {holder}); "
+                         "wait for it (see `streamsim versions`)")
     return f
 
 

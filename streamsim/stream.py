@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import drift, images
-from .index import MIN_RECENT, BuildCancelled, file_stat
+from .index import MIN_RECENT, BuildCancelled, file_stat, try_lock
 
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
@@ -125,21 +125,10 @@ class WatchLockError(RuntimeError):
 
 def lock_store(root: Path):
     """Hold ``<store>/watch.lock`` for as long as the returned file stays open (one watcher per store)."""
-    import fcntl
-
     root.mkdir(parents=True, exist_ok=True)
-    f = open(root / "watch.lock", "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise WatchLockError(f"{root}: a watcher is already running on this store (pid {holder})") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    f, holder = try_lock(root / "watch.lock")
+    if f is None:
+        raise WatchLockError(f"{root}: a watcher is already running on this store (pid {holder})")
     return f
 
 
