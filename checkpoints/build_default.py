@@ -88,7 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "v1"))
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="keep the trained encoder at --out; recompute only its duplicate calibration")
     args = ap.parse_args(argv)
+    if args.recalibrate:
+        return recalibrate(Path(args.out), seed=args.seed)
 
     from streamsim import encoders, train as T
     from streamsim.index import build_meta, reference_sample
@@ -122,6 +126,22 @@ def main(argv=None) -> int:
     encoders.save(model, out, meta, reference=reference_sample(data, seed=args.seed))
     print(json.dumps({k: meta[k] for k in ("arch", "config", "final_loss", "duplicate_threshold", "duplicate_calibration")},
                      indent=2))
+    return 0
+
+
+def recalibrate(out: Path, *, seed: int = 0) -> int:
+    """Recompute the duplicate rule of the encoder saved at ``out`` on the recipe's calibration
+    sample (what a full build would compute for the same weights) and rewrite its metadata."""
+    from streamsim import encoders
+    from streamsim.calibrate import calibrate
+    from streamsim.model import Encoder
+
+    model, meta = encoders.load(out)
+    digits, _, _, _ = mnist_split(seed)
+    cal = calibrate(Encoder(model), digits, seed=seed)
+    meta.update({k: cal[k] for k in ("duplicate_threshold", "duplicate_calibration")})
+    encoders._write_json_atomic(out / "meta.json", meta)
+    print(json.dumps({k: meta[k] for k in ("duplicate_threshold", "duplicate_calibration")}, indent=2))
     return 0
 
 

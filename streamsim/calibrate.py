@@ -3,10 +3,11 @@
 - ``reference`` — reconstruction-error statistics on a reference sample;
 - ``drift_reference`` — the fit that turns an image's reconstruction error and ink into its
   normalised drift score (:class:`streamsim.drift.Normaliser`), on the same sample;
-- ``duplicate_threshold`` and ``duplicate_calibration`` — the rule by which ``duplicate`` search
-  and dedup call a stored image a copy of the query: cosine distance at most ``threshold`` times
-  the query's distance to its 5th nearest stored image (capped at ``scale_typical``), calibrated
-  on near-duplicates (shifts, noise, stray pixels, re-normalised like a re-scan) versus distinct
+- ``duplicate_threshold`` and ``duplicate_calibration`` — the rule by which ``duplicate`` search,
+  ``similar`` search's near-duplicates-first ordering and dedup call a stored image a copy of the
+  query: among the query's nearest stored images by code, one whose pixels, registered onto the
+  query, leave an *excess* (:mod:`streamsim.verify`) at most ``threshold`` — calibrated on
+  near-duplicates (shifts, noise, stray pixels, re-normalised like a re-scan) versus distinct
   images (``docs/search-modes.md``).
 """
 
@@ -21,16 +22,16 @@ from .model import Encoder
 DISTINCT_RATE = 0.01  # at most this fraction of distinct images may have a neighbour within the threshold
 COPY_QUANTILE = 0.99
 POOL = 4000  # distinct neighbours are looked for among at most this many images
-DUPLICATE_RANK = 5  # the duplicate rule measures distances against the query's 5th nearest stored image
-SCALE_QUANTILE = 0.5  # ... capped at this quantile of that distance among the calibration images
+MISSED = 1e3  # the excess recorded for a copy whose original is not among its candidates
+DUPLICATE_SAMPLE = 1000  # images (of the sample) whose copies and neighbours calibrate the duplicate rule
 
 
-def perturbed_copies(pixels: np.ndarray, *, seed: int = 0) -> np.ndarray:
+def perturbed_copies(pixels: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, list]:
     """Near-duplicates of uint8 pixels (:func:`streamsim.perturb.copies`: shifts, noise, stray
-    pixels), passed through the same normalisation as any input."""
+    pixels), passed through the same normalisation as any input: ``(pixels, frames)``."""
     from .perturb import copies, normalise_all
 
-    return normalise_all(copies(pixels, seed=seed), pixels)
+    return normalise_all(copies(pixels, seed=seed), pixels, frames=True)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -46,55 +47,40 @@ def error_stats(errors: np.ndarray) -> dict[str, float]:
     }
 
 
-def separating_threshold(copy_dist: np.ndarray, distinct_dist: np.ndarray) -> float:
-    """The duplicate threshold from copies' distances to their originals and distinct images'
-    distances to their nearest other image.
+def separating_threshold(copy_score: np.ndarray, distinct_score: np.ndarray) -> float:
+    """The duplicate threshold from the copies' scores against their originals and the distinct
+    images' scores against their closest other image (lower = more alike; ``inf`` = not found).
 
     Copies and distinct images apart (the copies' 99th percentile below the distinct images' 1st):
-    the geometric middle of that gap. Overlapping: the distinct images' 1st percentile, so that at
-    most :data:`DISTINCT_RATE` of distinct images are called copies.
+    the middle of that gap. Overlapping: the distinct images' 1st percentile, so that at most
+    :data:`DISTINCT_RATE` of distinct images are called copies.
 
     Example:
         >>> round(separating_threshold(np.full(100, 0.01), np.full(100, 0.04)), 3)
-        0.02
+        0.025
     """
-    copy_q = float(np.quantile(np.asarray(copy_dist, np.float64), COPY_QUANTILE))
-    if len(distinct_dist) == 0:
+    copy_q = float(np.quantile(np.asarray(copy_score, np.float64), COPY_QUANTILE))
+    if len(distinct_score) == 0:
         return copy_q
-    distinct_q = float(np.quantile(np.asarray(distinct_dist, np.float64), DISTINCT_RATE))
+    distinct_q = float(np.quantile(np.asarray(distinct_score, np.float64), DISTINCT_RATE))
     if copy_q < distinct_q:
-        return float(np.sqrt(max(copy_q, 1e-9) * distinct_q))
+        return 0.5 * (copy_q + distinct_q)
     return distinct_q
-
-
-def duplicate_scale(sorted_dist: np.ndarray, typical: float) -> np.ndarray:
-    """The yardstick of the duplicate rule for each row of ascending distances from a query to the
-    stored images: its distance to the :data:`DUPLICATE_RANK`-th nearest, but at most ``typical``
-    (the calibrated median of that distance; also used where the store holds fewer images), so
-    that a sparsely filled store is no more lenient than a full one. A candidate is a duplicate
-    when ``distance <= threshold * scale``.
-
-    Example:
-        >>> duplicate_scale(np.array([[0.01, 0.1, 0.2, 0.2, 0.2, 0.5], [0.01, 0.1, np.inf, np.inf, np.inf, np.inf]]), 0.3)
-        array([0.2, 0.3])
-    """
-    d = np.asarray(sorted_dist, np.float64)
-    if d.shape[1] < DUPLICATE_RANK:
-        return np.full(len(d), typical)
-    scale = d[:, DUPLICATE_RANK - 1]
-    return np.where(np.isfinite(scale) & (scale > 0), np.minimum(scale, typical), typical)
 
 
 def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: int = 2000) -> dict[str, Any]:
     """Reference error statistics and the duplicate threshold for ``encoder`` on ``pixels``.
 
-    ``pixels`` should be real, distinct images; ``sample`` of them are measured. The duplicate rule
-    is relative: a stored image is a copy of the query when their distance is at most
-    ``duplicate_threshold`` times the query's distance to its :data:`DUPLICATE_RANK`-th nearest
-    stored image (:func:`duplicate_scale`). The threshold separates near-duplicates of sample
-    images (searched among up to :data:`POOL` of ``pixels``, their originals included) from the
-    sample images themselves (searched among the others).
+    ``pixels`` should be real, distinct images; ``sample`` of them are measured (the first
+    :data:`DUPLICATE_SAMPLE` of those for the duplicate rule). The threshold separates the
+    *excess* (:func:`streamsim.verify.scores`) of near-duplicates of sample images over their
+    originals — each copy searched by code among up to :data:`POOL` of ``pixels``, its original
+    included, and its candidates checked as a query's are — from the smallest excess of the sample
+    images themselves over the *other* images of the pool (what a false duplicate would be).
     """
+    from . import verify
+    from .images import Frame
+
     rng = np.random.default_rng(seed)
     pool = pixels if len(pixels) <= POOL else pixels[np.sort(rng.choice(len(pixels), POOL, replace=False))]
     pick = np.sort(rng.choice(len(pool), min(sample, len(pool)), replace=False))
@@ -102,22 +88,31 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     codes, errors = encoder.encode_with_error(pixels)
     ink = pixels.reshape(len(pixels), -1).mean(axis=1) / 255.0
     pool_u = _unit(encoder(pool))
-    # copies: distance to their own original, relative to their DUPLICATE_RANK-th nearest stored image
-    copy_d = 1.0 - _unit(encoder(perturbed_copies(pixels, seed=seed))) @ pool_u.T
-    copy_own = copy_d[np.arange(len(pick)), pick]
-    copy_sorted = np.sort(copy_d, axis=1)
-    # distinct images: the nearest other stored image (exact pixel twins are identical, not near)
-    d = 1.0 - _unit(codes) @ pool_u.T
-    twins = (pixels.reshape(len(pixels), 1, -1) == pool.reshape(1, len(pool), -1)).all(axis=2)
+    dup = slice(0, min(DUPLICATE_SAMPLE, len(pixels)))
+    own = pick[dup]
+
+    def nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = min(verify.CANDIDATES, d.shape[1])
+        keys = np.argsort(d, axis=1, kind="stable")[:, :k]
+        return keys, np.take_along_axis(d, keys, axis=1)
+
+    # copies: the excess over their own original, when it is among the candidates checked
+    copy_px, copy_frames = perturbed_copies(pixels[dup], seed=seed)
+    keys, dist = nearest(1.0 - _unit(encoder(copy_px)) @ pool_u.T)
+    rows = verify.check(copy_frames, keys, dist, lambda ids: pool[ids])
+    copy_ex = np.array([min([e for key, _, _, e in row if key == own[i]], default=MISSED) for i, row in enumerate(rows)])
+    # distinct images: the smallest excess over any other stored image (exact pixel twins are identical, not near)
+    d = 1.0 - _unit(codes[dup]) @ pool_u.T
+    twins = (pixels[dup].reshape(len(own), 1, -1) == pool.reshape(1, len(pool), -1)).all(axis=2)
     d[twins] = np.inf
-    d = np.sort(d, axis=1)
-    typical = float(np.quantile(d[:, DUPLICATE_RANK - 1], SCALE_QUANTILE))
-    nn_dist = d[:, 0]
-    copy_rel = copy_own / duplicate_scale(copy_sorted, typical)
-    nn_rel = nn_dist / duplicate_scale(d, typical)
-    threshold = separating_threshold(copy_rel, nn_rel)
+    keys, dist = nearest(d)
+    keys = np.where(np.isfinite(dist), keys, -1)
+    rows = verify.check([Frame.of_pixels(p) for p in pixels[dup]], keys, dist, lambda ids: pool[ids])
+    distinct_ex = np.array([min([e for *_, e in row], default=MISSED) for row in rows])
+    threshold = separating_threshold(copy_ex, distinct_ex)
     from .drift import Normaliser
 
+    q = lambda a, at: float(np.quantile(a, at))  # noqa: E731
     return {
         "drift_reference": Normaliser.fit(errors, ink).to_dict(),
         "reference": {
@@ -127,24 +122,21 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
         },
         "duplicate_threshold": threshold,
         "duplicate_calibration": {
-            "rule": (f"distance <= threshold x min(distance to the query's {_ordinal(DUPLICATE_RANK)} nearest stored image, "
-                     "scale_typical); "
-                     f"threshold: geometric middle between the copies' q{COPY_QUANTILE * 100:.0f} and the distinct "
-                     f"images' q{DISTINCT_RATE * 100:.0f} relative distance when apart, else the latter"),
-            "rank": DUPLICATE_RANK,
-            "scale_typical": typical,
-            "copy_recall": float(np.mean(copy_rel <= threshold)),
-            "distinct_within": float(np.mean(nn_rel <= threshold)),
-            "copy_relative_q99": float(np.quantile(copy_rel, COPY_QUANTILE)),
-            "copy_relative_median": float(np.median(copy_rel)),
-            "distinct_relative_q01": float(np.quantile(nn_rel, DISTINCT_RATE)),
-            "distinct_relative_median": float(np.median(nn_rel)),
-            "copy_distance_median": float(np.median(copy_own)),
-            "distinct_nn_distance_median": float(np.median(nn_dist)),
-            "sample": len(pixels), "pool": len(pool), "seed": seed,
+            "method": "verify",
+            "rule": (f"among the query's {verify.CANDIDATES} nearest stored images by code (within {verify.GATE:g}x the "
+                     "nearest one's distance), those whose pixels, registered onto the query, leave an excess "
+                     "<= threshold; threshold: the middle between the copies' "
+                     f"q{COPY_QUANTILE * 100:.0f} and the distinct images' q{DISTINCT_RATE * 100:.0f} excess "
+                     "when apart, else the latter"),
+            "candidates": verify.CANDIDATES,
+            "gate": verify.GATE,
+            "copy_recall": float(np.mean(copy_ex <= threshold)),
+            "distinct_within": float(np.mean(distinct_ex <= threshold)),
+            "copy_excess_median": q(copy_ex, 0.5),
+            "copy_excess_q95": q(copy_ex, 0.95),
+            "copy_excess_q99": q(copy_ex, COPY_QUANTILE),
+            "distinct_excess_q01": q(distinct_ex, DISTINCT_RATE),
+            "distinct_excess_median": q(distinct_ex, 0.5),
+            "sample": int(len(own)), "pool": len(pool), "seed": seed,
         },
     }
-
-
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"

@@ -29,6 +29,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_IMAGE_PIXELS",
     "PIXELS_SHAPE",
+    "Frame",
     "ImageError",
     "Loaded",
     "contact_sheet",
@@ -79,6 +80,32 @@ class ImageError(ValueError):
         return (type(self), (self.source, self.reason))
 
 
+@dataclass(frozen=True)
+class Frame:
+    """What a query looked like before its pixels were floored and clipped, for checking a
+    candidate duplicate against it (:mod:`streamsim.verify`).
+
+    Attributes:
+        ink: float32 ``[28, 28]`` in the pixels' own frame (same crop, scale and placement): the
+            image's ink, 0 at the background level and 1 at the ink's contrast, paper noise kept.
+        sigma: The paper noise (Gaussian σ) in those units, measured around the ink's box.
+        lo, hi: Where the image's own value range clips ``ink`` (e.g. 0 and 1 for dark paper
+            noise clipped at black).
+        impulses: The rate of stray pixels (salt and pepper) of each kind, set to ``lo`` or ``hi``.
+    """
+
+    ink: np.ndarray
+    sigma: float
+    lo: float
+    hi: float
+    impulses: float = 0.0
+
+    @classmethod
+    def of_pixels(cls, pixels: np.ndarray) -> Frame:
+        """The frame of an image known only by its pixels ``uint8 [28, 28]`` (no noise measured)."""
+        return cls(np.asarray(pixels, np.float32) * np.float32(1 / 255), 0.0, 0.0, 1.0)
+
+
 @dataclass(frozen=True, eq=False)
 class Loaded:
     """A loaded image.
@@ -88,20 +115,23 @@ class Loaded:
         digest: sha256 hex of the input's own bytes (file/bytes), or of its content (array, PIL).
         path: Absolute resolved path for path inputs, else ``None``.
         source: Human name used in messages.
+        frame: With ``load(..., frame=True)``: the :class:`Frame` a duplicate check compares with.
     """
 
     pixels: np.ndarray
     digest: str
     path: str | None
     source: str
+    frame: Frame | None = None
 
 
-def load(image, *, source: str | None = None) -> Loaded:
+def load(image, *, source: str | None = None, frame: bool = False) -> Loaded:
     """Load any supported image and normalise it to pixels.
 
     Args:
         image: A path, bytes-like, binary file object, ``PIL.Image.Image`` or numpy array.
         source: Name to use in error messages (defaults to the path, ``"<bytes>"``, ...).
+        frame: Also keep the image's :class:`Frame` (what a duplicate check compares with).
 
     Returns:
         A :class:`Loaded` with the pixels, the digest, the resolved path and the source.
@@ -110,23 +140,29 @@ def load(image, *, source: str | None = None) -> Loaded:
         ImageError: The input is not a usable image (unreadable, corrupt, blank, too large...).
         TypeError: The input is of an unsupported type.
     """
+    def done(grey: np.ndarray, digest: str, path: str | None, src: str) -> Loaded:
+        if frame:
+            pixels, fr = _normalise_grey(grey, src, frame=True)
+            return Loaded(pixels, digest, path, src, fr)
+        return Loaded(_normalise_grey(grey, src), digest, path, src)
+
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         src = source if source is not None else str(image)
         data = _read_path(path, src)
-        pixels = _normalise_grey(_decode(data, src), src)
-        return Loaded(pixels, _sha256(data), os.path.realpath(path), src)
+        return done(_decode(data, src), _sha256(data), os.path.realpath(path), src)
     if isinstance(image, (bytes, bytearray, memoryview)):
         src = source if source is not None else "<bytes>"
         data = bytes(image)
-        return Loaded(_normalise_grey(_decode(data, src), src), _sha256(data), None, src)
+        return done(_decode(data, src), _sha256(data), None, src)
     if isinstance(image, Image.Image):
         src = source if source is not None else "<PIL.Image>"
         grey, digest = _from_pil_input(image, src)
-        return Loaded(_normalise_grey(grey, src), digest, None, src)
+        return done(grey, digest, None, src)
     if isinstance(image, np.ndarray):
         src = source if source is not None else "<array>"
-        return Loaded(normalise(image, source=src), _array_digest(image), None, src)
+        _check_array(image, src)
+        return done(_array_to_grey(image, src), _array_digest(image), None, src)
     if callable(getattr(image, "read", None)):
         src = source if source is not None else "<file>"
         try:
@@ -138,7 +174,7 @@ def load(image, *, source: str | None = None) -> Loaded:
                 f"file object returned {type(data).__name__}, not bytes: open it in binary mode ('rb')"
             )
         data = bytes(data)
-        return Loaded(_normalise_grey(_decode(data, src), src), _sha256(data), None, src)
+        return done(_decode(data, src), _sha256(data), None, src)
     raise TypeError(f"{_SUPPORTED_TYPES_MSG}; got {type(image).__module__}.{type(image).__qualname__}")
 
 
@@ -147,7 +183,7 @@ def to_pixels(image) -> np.ndarray:
     return load(image).pixels
 
 
-def normalise(array: np.ndarray, *, source: str = "<array>") -> np.ndarray:
+def normalise(array: np.ndarray, *, source: str = "<array>", frame: bool = False):
     """Normalise an image array to pixels (MNIST convention).
 
     Detects polarity from the border (ink ends up bright on black), removes the background,
@@ -159,6 +195,7 @@ def normalise(array: np.ndarray, *, source: str = "<array>") -> np.ndarray:
             ``uint8``, ``bool``, float (max ≤ 1 means 0..1, else 0..255) or another integer
             type (scaled by its maximum).
         source: Name used in error messages.
+        frame: Return ``(pixels, Frame)``: also the image's :class:`Frame`.
 
     Returns:
         ``uint8 [28, 28]`` pixels.
@@ -179,7 +216,7 @@ def normalise(array: np.ndarray, *, source: str = "<array>") -> np.ndarray:
     """
     _check_array(array, source)
     grey = _array_to_grey(array, source)
-    return _normalise_grey(grey, source)
+    return _normalise_grey(grey, source, frame=frame)
 
 
 def iter_image_files(paths, *, recursive: bool = True) -> Iterator[Path]:
@@ -468,13 +505,13 @@ def _median(x: np.ndarray) -> float:
     return 0.5 * (float(part[k - 1]) + float(part[k]))
 
 
-def _normalise_grey(grey: np.ndarray, source: str) -> np.ndarray:
-    """Grey float32 0..1 [H, W] → pixels."""
-    frame = _frame(grey)
-    background = _median(frame)
+def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
+    """Grey float32 0..1 [H, W] → pixels; with ``frame``, ``(pixels, frame)`` (:func:`_linear_frame`)."""
+    frame_ = _frame(grey)
+    background = _median(frame_)
     # Noise level of the paper from the border's 90th percentile of |deviation|: unlike the MAD it
     # does not collapse to 0 when noise is clipped at black (half the border exactly 0).
-    dev = np.abs(frame - np.float32(background))
+    dev = np.abs(frame_ - np.float32(background))
     noise = float(np.partition(dev, int(0.9 * (dev.size - 1)))[int(0.9 * (dev.size - 1))]) / 1.2816
     hi = float(grey.max()) - background
     lo = background - float(grey.min())
@@ -506,7 +543,68 @@ def _normalise_grey(grey: np.ndarray, source: str) -> np.ndarray:
     ink *= np.float32(sign / (contrast - floor))
     np.maximum(ink, 0.0, out=ink)
     np.minimum(ink, 1.0, out=ink)
-    return _place(_fit(ink))
+    box = _fit(ink)
+    top, left = _offset(box)
+    pixels = _place(box, top, left)
+    if not frame:
+        return pixels
+    linear = (grey - np.float32(background)) * np.float32(sign / contrast)
+    lin, inside = _linear_frame(linear, (int(rows[0]), int(cols[0])), crop.shape, box.shape, (top, left))
+    around = inside.copy()
+    h, w = box.shape
+    around[max(0, top - 1) : top + h + 1, max(0, left - 1) : left + w + 1] = False
+    clip = ((0.0 - background) * sign / contrast, (1.0 - background) * sign / contrast)
+    lo, hi = min(clip), max(clip)
+    if around.sum() >= 16:
+        sigma, impulses = _frame_noise(lin[around], lo, hi)
+    else:
+        sigma, impulses = noise / contrast, 0.0
+    return pixels, Frame(lin, float(sigma), float(lo), float(hi), float(impulses))
+
+
+def _linear_frame(linear: np.ndarray, origin: tuple[int, int], crop_shape: tuple[int, int],
+                  box_shape: tuple[int, int], offset: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The whole image as ink in the pixels' own frame, float32 [28, 28]: ``linear`` (ink bright,
+    0 = background, 1 = the ink's contrast; paper noise kept, not floored or clipped) resampled by
+    the same crop, scale and placement as the pixels, so that the canvas also shows what lies
+    around the ink's box. Where it falls outside the image it is 0 (the second array says where it
+    falls inside). Downscaling is anti-aliased (a Gaussian of the scale's width first), so the
+    noise is averaged as in the pixels."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    sy, sx = box_shape[0] / crop_shape[0], box_shape[1] / crop_shape[1]
+    if min(sy, sx) < 1:
+        linear = gaussian_filter(linear, (max(0.0, 0.5 / sy - 0.5), max(0.0, 0.5 / sx - 0.5)), mode="nearest")
+    rr = (np.arange(_SIDE, dtype=np.float32) - offset[0] + 0.5) / sy - 0.5 + origin[0]
+    cc = (np.arange(_SIDE, dtype=np.float32) - offset[1] + 0.5) / sx - 0.5 + origin[1]
+    r, c = np.meshgrid(rr, cc, indexing="ij")
+    h, w = linear.shape
+    inside = (r >= 0) & (r <= h - 1) & (c >= 0) & (c <= w - 1)
+    return map_coordinates(linear, [r, c], order=1, mode="constant", cval=0.0).astype(np.float32), inside
+
+
+def _frame_noise(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
+    """Paper noise from background pixels (0 = the background level), ink units: ``(σ, rate)`` —
+    the σ of Gaussian noise, clipped to ``[lo, hi]``, whose 90th percentile of ``|value|`` is the
+    observed one (robust to a few stray pixels), and the rate of stray pixels of each kind (set to
+    ``lo`` or ``hi``): the share beyond half the ink's contrast that the Gaussian does not explain,
+    the same rate assumed for the kind that cannot show against this background."""
+    from scipy.special import ndtr
+
+    t = float(np.quantile(np.abs(values), 0.9))
+    sigma = 0.0
+    if t > 0:
+        a, b = 1e-6, 4.0
+        for _ in range(50):  # P(|clip(n)| > t) rises with σ; bisect for 0.1
+            s = 0.5 * (a + b)
+            p = (1.0 - ndtr(t / s) if hi > t else 0.0) + (ndtr(-t / s) if -lo > t else 0.0)
+            a, b = (s, b) if p < 0.1 else (a, s)
+        sigma = 0.5 * (a + b)
+    far = float(np.mean(np.abs(values) > 0.5))
+    gauss = 0.0
+    if sigma > 0:
+        gauss = (1.0 - ndtr(0.5 / sigma) if hi > 0.5 else 0.0) + (ndtr(-0.5 / sigma) if -lo > 0.5 else 0.0)
+    return sigma, max(0.0, far - gauss)
 
 
 def _speckled(grey: np.ndarray, background: float, contrast: float) -> bool:
@@ -575,8 +673,8 @@ def _fit(ink: np.ndarray) -> np.ndarray:
 _RAMP = np.arange(_SIDE, dtype=np.float32)
 
 
-def _place(box: np.ndarray) -> np.ndarray:
-    """Paste the box into the 28×28 canvas with its centre of mass at (14, 14), clamped inside."""
+def _offset(box: np.ndarray) -> tuple[int, int]:
+    """Where the box's top-left corner goes so that its centre of mass lands at (14, 14), clamped inside."""
     h, w = box.shape
     row_mass = box.sum(axis=1)
     col_mass = box.sum(axis=0)
@@ -585,6 +683,12 @@ def _place(box: np.ndarray) -> np.ndarray:
     cx = float(col_mass @ _RAMP[:w]) / total
     top = min(max(math.floor(_CENTRE - cy + 0.5), 0), _SIDE - h)
     left = min(max(math.floor(_CENTRE - cx + 0.5), 0), _SIDE - w)
+    return top, left
+
+
+def _place(box: np.ndarray, top: int, left: int) -> np.ndarray:
+    """Paste the box into the 28×28 canvas at (top, left), as uint8."""
+    h, w = box.shape
     canvas = np.zeros(PIXELS_SHAPE, np.uint8)
     scaled = box * np.float32(255)
     scaled += np.float32(0.5)  # values are ≥ 0: truncation after +0.5 rounds half up

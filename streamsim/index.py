@@ -30,10 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from . import drift, encoders, images
+from . import drift, encoders, images, verify
 from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
+SIMILAR_MARGIN = 2.0  # similar search puts first the candidates within this × the duplicate threshold
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
@@ -401,12 +402,13 @@ class Index:
     def search(self, image: Any, k: int = 10, *, mode: str = "similar") -> list[Match]:
         """The ``k`` stored images closest to ``image``, best first.
 
-        ``mode``: ``"similar"`` (top-k by distance: search by image, favouring precision),
-        ``"duplicate"`` (identical pixels, then near-duplicates by the version's calibrated rule,
-        :meth:`duplicate_rule`; may be empty) or ``"recall"`` (the query, corrected variants of it
-        and the query expanded by its nearest neighbours, each searched with a wider pool, lists
-        fused: every plausible match, at some cost in precision). ``Match.distance`` is always the
-        cosine distance between codes (in ``recall`` mode, the smallest any variant gives).
+        ``mode``: ``"similar"`` (top-k by distance: search by image, favouring precision; stored
+        near-duplicates of the query come first), ``"duplicate"`` (identical pixels, then
+        near-duplicates only, by the version's calibrated check, :meth:`duplicate_rule`; may be
+        empty) or ``"recall"`` (the query, corrected variants of it and the query expanded by its
+        nearest neighbours, each searched with a wider pool, lists fused: every plausible match,
+        at some cost in precision). ``Match.distance`` is always the cosine distance between codes
+        (in ``recall`` mode, the smallest any variant gives). See ``docs/search-modes.md``.
         """
         return self.search_many([image], k, mode=mode)[0]
 
@@ -415,26 +417,30 @@ class Index:
             raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        items = list(images_)
-        pixels = np.stack([images.load(x).pixels for x in items]) if items else np.zeros((0, 28, 28), np.uint8)
-        return self.search_pixels(pixels, int(k), mode=mode)
+        loaded = [images.load(x, frame=True) for x in images_]
+        pixels = np.stack([x.pixels for x in loaded]) if loaded else np.zeros((0, 28, 28), np.uint8)
+        return self.search_pixels(pixels, int(k), mode=mode, frames=[x.frame for x in loaded])
 
-    def search_pixels(self, pixels: np.ndarray, k: int = 10, *, mode: str = "similar") -> list[list[Match]]:
-        """Search with already-normalised pixels ``uint8 [N, 28, 28]``."""
+    def search_pixels(self, pixels: np.ndarray, k: int = 10, *, mode: str = "similar",
+                      frames: list[images.Frame] | None = None) -> list[list[Match]]:
+        """Search with already-normalised pixels ``uint8 [N, 28, 28]``; ``frames`` (from
+        ``images.load(..., frame=True)``) let the near-duplicate check see the queries' noise —
+        without them each query's frame is its pixels (:meth:`images.Frame.of_pixels`)."""
         if mode not in MODES:
             raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
         if len(pixels) == 0:
             return []
+        if frames is None:
+            frames = [images.Frame.of_pixels(p) for p in pixels]
         with self._lock:
             v = self.active_version
             enc = self.encoder(v)
             vectors = self._vectors_for(v)
             self._catch_up(v)
             if mode == "similar":
-                keys, dist = vectors.search(enc(pixels), k)
-                hits = [list(zip(keys[i], dist[i])) for i in range(len(pixels))]
+                hits = self._similar_hits(pixels, frames, k, enc, vectors, v)
             elif mode == "duplicate":
-                hits = self._duplicate_hits(pixels, k, enc, vectors, v)
+                hits = self._duplicate_hits(pixels, frames, k, enc, vectors, v)
             else:
                 hits = self._recall_hits(pixels, k, enc, vectors)
         return self._matches(hits, v)
@@ -459,56 +465,62 @@ class Index:
                 vectors.add(chunk, enc(self.catalog.pixels(chunk)))
         self._known_max = top
 
-    def _duplicate_hits(self, pixels, k, enc, vectors, version):
-        """Identical pixels first (distance 0), then stored images that pass the version's
-        calibrated duplicate rule (:meth:`duplicate_rule`), nearest first."""
-        keys, dist = vectors.search(enc(pixels), max(k, self._dup_rank(version)))
-        near = self._near_duplicates(keys, dist, version)
+    def _checked(self, frames, keys, dist, version, width: int = verify.CANDIDATES, margin: float = 1.0):
+        """Per query, its candidates that pass the version's duplicate check (its threshold times
+        ``margin``), ``(key, distance)`` ordered by how well they explain the query
+        (:mod:`streamsim.verify`)."""
+        threshold = self.duplicate_rule(version) * margin
+        rows = verify.check(frames, keys, dist, self.catalog.pixels, width)
+        return [[(key, d) for key, d, _r, _e in sorted((c for c in row if c[3] <= threshold), key=lambda c: c[2])]
+                for row in rows]
+
+    def _similar_hits(self, pixels, frames, k, enc, vectors, version):
+        """Top-k by code distance, except that stored near-duplicates of the query (among its
+        nearest :data:`verify.CANDIDATES`) come first: the most similar image is a copy."""
+        keys, dist = vectors.search(enc(pixels), max(k, verify.CANDIDATES))
         out = []
-        for px, row in zip(pixels, near):
+        for i, dups in enumerate(self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)):
+            first = {key for key, _ in dups}
+            rest = [(int(key), float(d)) for key, d in zip(keys[i], dist[i]) if key >= 0 and int(key) not in first]
+            out.append((dups + rest)[:k])
+        return out
+
+    def _duplicate_hits(self, pixels, frames, k, enc, vectors, version):
+        """Identical pixels first (distance 0), then stored images that pass the version's
+        duplicate check (:meth:`duplicate_rule`), best explained first."""
+        width = max(k, verify.CANDIDATES)
+        keys, dist = vectors.search(enc(pixels), width)
+        out = []
+        for px, row in zip(pixels, self._checked(frames, keys, dist, version, width)):
             exact = self.catalog.find_pixels(px)
             seen = set(exact)
             out.append(([(key, 0.0) for key in exact] + [(key, d) for key, d in row if key not in seen])[:k])
         return out
 
-    def _dup_rank(self, version: int) -> int:
-        return int(self.meta(version).get("duplicate_calibration", {}).get("rank", 1))
-
-    def _near_duplicates(self, keys: np.ndarray, dist: np.ndarray, version: int) -> list[list[tuple[int, float]]]:
-        """Per row of a search result (ascending distances), the hits within the duplicate rule."""
-        from .calibrate import duplicate_scale
-
-        threshold, typical = self.duplicate_rule(version)
-        limit = threshold * duplicate_scale(dist, typical)
-        return [[(int(key), float(d)) for key, d in zip(keys[i], dist[i]) if key >= 0 and d <= limit[i]]
-                for i in range(len(keys))]
-
-    def duplicate_rule(self, version: int | None = None) -> tuple[float, float]:
-        """``(threshold, scale_typical)`` of ``version`` (default: the active one): a stored image is a
-        near-duplicate of a query when their cosine distance is at most ``threshold`` times the
-        query's distance to its 5th nearest stored image, that distance capped at ``scale_typical``
-        (and taken as it when the store holds fewer images) — both calibrated on perturbed copies
-        and distinct images when the version was made (:mod:`streamsim.calibrate`). Versions
-        calibrated before this rule find identical pixels only."""
+    def duplicate_rule(self, version: int | None = None) -> float:
+        """The duplicate threshold of ``version`` (default: the active one): a stored image among a
+        query's nearest by code is a near-duplicate when its pixels, registered onto the query,
+        leave an excess (:func:`streamsim.verify.scores`) of at most this — calibrated on perturbed
+        copies and distinct images when the version was made (:mod:`streamsim.calibrate`).
+        Versions calibrated before this check use :data:`streamsim.verify.DEFAULT_THRESHOLD`."""
         meta = self.meta(self.active_version if version is None else int(version))
-        cal = meta.get("duplicate_calibration", {})
-        if "scale_typical" not in cal:
-            return 0.0, 0.0
-        return float(meta["duplicate_threshold"]), float(cal["scale_typical"])
+        if meta.get("duplicate_calibration", {}).get("method") != "verify":
+            return verify.DEFAULT_THRESHOLD
+        return float(meta["duplicate_threshold"])
 
     def dedup(self, *, k: int = 16) -> list[dict[str, Any]]:
         """Groups of duplicates across the store, smallest id first: images stored under several
         paths, images with identical pixels, and near-duplicates — each stored image searched
-        against the others with the rule ``search(..., mode="duplicate")`` applies
-        (:meth:`duplicate_rule`), links joined transitively. Each group: ``{"ids", "paths",
-        "max_distance"}``, where ``max_distance`` is the largest cosine distance of a link that
-        joined the group (0 for identical pixels); each image's ``k`` nearest neighbours are examined.
+        against the others and its nearest checked as ``search(..., mode="duplicate")`` checks a
+        query's (:meth:`duplicate_rule`; a stored image is known by its pixels, so its frame is
+        theirs), links joined transitively. Each group: ``{"ids", "paths", "max_distance"}``,
+        where ``max_distance`` is the largest cosine distance of a link that joined the group (0
+        for identical pixels); each image's ``k`` nearest neighbours are examined.
         """
         with self._lock:
             v = self.active_version
             vectors = self._vectors_for(v)
             self._catch_up(v)
-            rank = self._dup_rank(v)
             parent: dict[int, int] = {}
             worst: dict[int, float] = {}
 
@@ -528,7 +540,7 @@ class Index:
                 for i in g["ids"]:
                     join(g["ids"][0], i, 0.0)
             ids = self.catalog.ids()
-            width = max(k, rank) + 1
+            width = k + 1
             for start in range(0, len(ids), 4096):
                 chunk = ids[start : start + 4096]
                 keys, dist = vectors.search(vectors.get(chunk), width)
@@ -536,7 +548,8 @@ class Index:
                 others = keys != chunk[:, None]
                 keys = np.stack([np.concatenate([r[m], [-1] * (width - m.sum())]) for r, m in zip(keys, others)])
                 dist = np.stack([np.concatenate([r[m], [np.inf] * (width - m.sum())]) for r, m in zip(dist, others)])
-                for a, row in zip(chunk, self._near_duplicates(keys[:, :-1], dist[:, :-1], v)):
+                frames = [images.Frame.of_pixels(p) for p in self.catalog.pixels(chunk)]
+                for a, row in zip(chunk, self._checked(frames, keys[:, :-1], dist[:, :-1], v, k)):
                     for b, d in row:
                         join(int(a), b, d)
         groups: dict[int, list[int]] = {}

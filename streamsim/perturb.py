@@ -154,17 +154,26 @@ def copies(raw: np.ndarray, *, seed: int = 0) -> np.ndarray:
     return random_copies(raw, seed=seed, deform=False, noise=0.4, p_noise=0.8, p_shift=0.8)
 
 
-def normalise_all(raw: np.ndarray, fallback: np.ndarray | None = None) -> np.ndarray:
+def normalise_all(raw: np.ndarray, fallback: np.ndarray | None = None, *, frames: bool = False):
     """:func:`streamsim.images.normalise` over a batch; an image that normalises to nothing (a
-    perturbation erased it) takes ``fallback``'s pixels (or stays black)."""
+    perturbation erased it) takes ``fallback``'s pixels (or stays black). With ``frames``,
+    ``(pixels, [Frame, ...])``: each image's :class:`~streamsim.images.Frame` too (a fallback's
+    is that of its pixels)."""
     out = np.zeros((len(raw), 28, 28), np.uint8)
+    kept: list[images.Frame] = []
     for i, img in enumerate(raw):
         try:
-            out[i] = images.normalise(img)
+            if frames:
+                out[i], f = images.normalise(img, frame=True)
+                kept.append(f)
+            else:
+                out[i] = images.normalise(img)
         except images.ImageError:
             if fallback is not None:
                 out[i] = fallback[i]
-    return out
+            if frames:
+                kept.append(images.Frame.of_pixels(out[i]))
+    return (out, kept) if frames else out
 
 
 def training_views(pixels: np.ndarray, *, count: int = 4, seed: int = 0) -> np.ndarray:

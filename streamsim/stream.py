@@ -144,7 +144,9 @@ class Watcher:
         self.config = dataclasses.replace(config, folder=Path(config.folder).resolve())
         self.on_event = on_event or (lambda e: None)
         self.stats = WatchStats()
-        self._events: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        # queue.Queue, not SimpleQueue: CPython 3.11's SimpleQueue.get(timeout=...) can block forever
+        # when a signal (the Ctrl-C that stops the watcher) interrupts it after its deadline passed
+        self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, tuple[int, int]] = index.catalog.journal()
         self._observer = None

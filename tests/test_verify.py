@@ -1,0 +1,100 @@
+"""The near-duplicate check: a query's frame (its ink with the noise kept), registration of a
+candidate onto it, and the excess that tells a copy from another writer's same character."""
+
+import json
+
+import numpy as np
+import pytest
+
+from streamsim import Index, images, verify
+from streamsim.perturb import normalise_all, perturb
+
+
+def noisy(raw, sigma, seed):
+    f = raw.astype(np.float32) / 255 + sigma * np.random.default_rng(seed).standard_normal(raw.shape)
+    return np.round(np.clip(f, 0, 1) * 255).astype(np.uint8)
+
+
+def test_frame_of_a_clean_image_is_its_pixels_and_noise_is_measured(digits):
+    x, _ = digits
+    px, fr = images.normalise(x[0], frame=True)
+    assert np.array_equal(px, images.normalise(x[0]))  # asking for the frame changes nothing
+    assert fr.sigma == 0.0 and fr.impulses == 0.0 and (fr.lo, fr.hi) == (0.0, 1.0)
+    assert np.abs(np.clip(fr.ink, 0, 1) - px / 255).max() < 1e-6
+    sigmas = [images.normalise(noisy(x[i], 0.3, i), frame=True)[1].sigma for i in range(10)]
+    assert 0.2 < np.median(sigmas) < 0.4
+    speckled = perturb(x[:10], "salt_pepper", seed=0)
+    rates = [images.normalise(s, frame=True)[1].impulses for s in speckled]
+    assert 0.01 < np.median(rates) < 0.05  # 5 % of pixels: 2.5 % of each kind
+    dark = images.load(255 - x[0], frame=True)  # dark ink on white paper: the same frame
+    assert np.abs(dark.frame.ink - fr.ink).max() < 1e-5 and np.array_equal(dark.pixels, px)
+
+
+def test_a_heavily_noisy_copy_is_told_from_other_writers_same_digit(digits):
+    x, y = digits
+    ones = np.nonzero(y == 1)[0][:8]  # the hardest class: other writers' 1s look alike
+    copies, frames = normalise_all(perturb(x[ones], "neardup", seed=3), frames=True)
+    originals = normalise_all(x[ones])
+    n = len(ones)
+    # every copy against every original: its own explains it best, and passes the check
+    q = [frames[i] for i in range(n) for _ in range(n)]
+    c = np.concatenate([originals] * n)
+    resid, excess = (a.reshape(n, n) for a in verify.scores(q, c))
+    assert (resid.argmin(axis=1) == np.arange(n)).mean() >= 7 / 8
+    assert (np.diag(excess) <= verify.DEFAULT_THRESHOLD).mean() >= 7 / 8
+    # each original as the query (clean): every other writer's 1 fails the check
+    q = [images.Frame.of_pixels(originals[i]) for i in range(n) for _ in range(n)]
+    excess = verify.scores(q, c)[1].reshape(n, n)
+    assert np.allclose(np.diag(excess), 0, atol=1e-3)
+    assert (excess[~np.eye(n, dtype=bool)] > verify.DEFAULT_THRESHOLD).all()
+
+
+def test_registration_recovers_a_shift_and_a_scale():
+    c = np.zeros((1, 28, 28), np.float32)
+    c[0, 6:22, 11:16] = 1.0
+    c[0, 6:9, 11:20] = 1.0
+    from scipy.ndimage import affine_transform
+
+    moved = affine_transform(c[0], [1 / 1.1, 1.0], offset=[-1.5, 1.0], order=1)  # 10 % taller, shifted
+    p, w = verify._register(moved[None], c)
+    assert abs(p[0, 0] - 1 / 1.1) < 0.03 and abs(p[0, 3] - 1.0) < 0.3
+    assert ((moved - w[0]) ** 2).sum() < 0.1 * ((moved - c[0]) ** 2).sum()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits):
+    x, _ = digits
+    with Index.open(tmp_path_factory.mktemp("verify") / "s") as index:
+        yield index, index.add_many(x[:120])
+
+
+def test_similar_puts_a_noisy_copy_first_and_duplicate_finds_it(store, digits):
+    index, ids = store
+    x, _ = digits
+    found_similar, found_dup = 0, 0
+    for i in range(20):
+        copy = perturb(x[i : i + 1], "neardup", seed=10 + i)[0]  # noise σ 0.3 + shift ±3 px
+        found_similar += index.search(copy, k=5)[0].id == ids[i]
+        found_dup += ids[i] in [h.id for h in index.search(copy, k=5, mode="duplicate")]
+    assert found_similar >= 19 and found_dup >= 18
+
+
+def test_search_pixels_without_frames_still_checks_against_the_pixels(store, digits):
+    index, ids = store
+    x, _ = digits
+    px = normalise_all(np.roll(x[:5], 1, axis=2))  # shifted by a pixel, no noise
+    assert [r[0].id for r in index.search_pixels(px, 3, mode="duplicate")] == ids[:5]
+
+
+def test_versions_without_the_check_use_the_default_threshold(tmp_path, digits):
+    x, _ = digits
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(x[:10])
+        meta_path = index.root / "encoders" / "v0001" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["duplicate_calibration"]["method"] == "verify"
+    meta["duplicate_calibration"] = {"rank": 5, "scale_typical": 0.1}  # as an older release wrote it
+    meta_path.write_text(json.dumps(meta))
+    with Index.open(tmp_path / "s") as index:
+        assert index.duplicate_rule() == verify.DEFAULT_THRESHOLD
+        assert index.search(x[3], k=2, mode="duplicate")[0].distance == 0.0
