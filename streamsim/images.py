@@ -92,6 +92,8 @@ class Frame:
         lo, hi: Where the image's own value range clips ``ink`` (e.g. 0 and 1 for dark paper
             noise clipped at black).
         impulses: The rate of stray pixels (salt and pepper) of each kind, set to ``lo`` or ``hi``.
+        ink_mask: bool ``[28, 28]``, where the ink of the image's pixels lies (smoothed by σ 1 px,
+            above 0.1): the rest is background, on which a check may re-measure the noise.
     """
 
     ink: np.ndarray
@@ -99,6 +101,11 @@ class Frame:
     lo: float
     hi: float
     impulses: float = 0.0
+    ink_mask: np.ndarray = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        if self.ink_mask is None:
+            object.__setattr__(self, "ink_mask", _near_ink(np.clip(self.ink, 0, 1)))
 
     @classmethod
     def of_pixels(cls, pixels: np.ndarray) -> Frame:
@@ -559,7 +566,15 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
         sigma, impulses = _frame_noise(lin[around], lo, hi)
     else:
         sigma, impulses = noise / contrast, 0.0
-    return pixels, Frame(lin, float(sigma), float(lo), float(hi), float(impulses))
+    return pixels, Frame(lin, float(sigma), float(lo), float(hi), float(impulses), _near_ink(pixels * np.float32(1 / 255)))
+
+
+def _near_ink(ink: np.ndarray) -> np.ndarray:
+    """Where ink lies, bool [28, 28]: the ink (0..1) smoothed by σ 1 px, above 0.1 (a lone
+    stray pixel stays below)."""
+    from scipy.ndimage import gaussian_filter
+
+    return gaussian_filter(np.asarray(ink, np.float32), 1.0, mode="constant") > 0.1
 
 
 def _linear_frame(linear: np.ndarray, origin: tuple[int, int], crop_shape: tuple[int, int],

@@ -471,8 +471,7 @@ class Index:
         (:mod:`streamsim.verify`)."""
         threshold = self.duplicate_rule(version) * margin
         rows = verify.check(frames, keys, dist, self.catalog.pixels, width)
-        return [[(key, d) for key, d, _r, _e in sorted((c for c in row if c[3] <= threshold), key=lambda c: c[2])]
-                for row in rows]
+        return [[(key, d) for key, d, _r, _e in verify.accepted(row, f, threshold)] for row, f in zip(rows, frames)]
 
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
         """Top-k by code distance, except that stored near-duplicates of the query (among its

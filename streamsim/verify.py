@@ -52,6 +52,9 @@ def _blur_matrix(sigma: float) -> np.ndarray:
 
 
 _BLUR = _blur_matrix(SMOOTH)
+_WIDE = _blur_matrix(1.0)
+INK_LEVEL = 0.02  # where the registered candidate, smoothed by σ 1 px, exceeds this: near its ink
+MIN_BACKGROUND = 50  # pixels, to re-measure the query's noise on
 _LAMBDA = (PRIOR_NOISE / PRIOR_SD**2).astype(np.float32)
 _IDENTITY = np.array([1, 1, 0, 0], np.float32)
 CHUNK = 4096  # pairs computed at once (about 40 MB of intermediates)
@@ -81,34 +84,65 @@ def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         rxt = _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
         w, ty, tx = rows[:, :, :SIDE] @ rxt, rows[:, :, SIDE : 2 * SIDE] @ rxt, rows[:, :, 2 * SIDE :] @ rxt
         # the Jacobian's columns by (scale_y, scale_x, shift_y, shift_x), and its normal equations
-        jac = (ty * _U[None, :, None], tx * _U[None, None, :], ty, tx)
-        r = qs - w
-        h = np.stack([np.stack([(a * b).sum(axis=(1, 2)) for b in jac], axis=-1) for a in jac], axis=-2)
-        g = np.stack([(a * r).sum(axis=(1, 2)) for a in jac], axis=-1) - (p - _IDENTITY) * _LAMBDA
-        p = p + np.linalg.solve(h + np.diag(_LAMBDA)[None], g[..., None])[..., 0]
+        jac = np.stack([ty * _U[None, :, None], tx * _U[None, None, :], ty, tx], axis=1).reshape(n, 4, -1)
+        r = (qs - w).reshape(n, -1, 1)
+        h = jac @ jac.transpose(0, 2, 1) + np.diag(_LAMBDA)[None]
+        g = (jac @ r)[..., 0] - (p - _IDENTITY) * _LAMBDA
+        p = p + np.linalg.solve(h, g[..., None])[..., 0]
         p = np.concatenate([np.clip(p[:, :2], 0.7, 1.4), np.clip(p[:, 2:], -6.0, 6.0)], axis=1)
     ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
     return p, ry @ c @ rxt
 
 
-def _copy_residual(w: np.ndarray, sigma: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """Expected ``(clip(w + n, lo, hi) − w)²`` per pixel for Gaussian noise ``n`` of σ ``sigma``:
-    what a true copy of ``w`` under the query's noise leaves."""
+def _clipped(w: np.ndarray, sigma: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(bias², variance)`` of ``clip(w + n, lo, hi)`` about ``w`` for Gaussian noise ``n`` of σ
+    ``sigma``, per pixel."""
     from scipy.special import ndtr
 
     s = np.maximum(sigma, 1e-6)
     a, b = (lo - w) / s, (hi - w) / s
     pa, pb = ndtr(a), ndtr(b)
     phi_a, phi_b = np.exp(-0.5 * a * a) / np.sqrt(2 * np.pi), np.exp(-0.5 * b * b) / np.sqrt(2 * np.pi)
-    inner = (pb - pa) - (b * phi_b - a * phi_a)
-    return s * s * (a * a * pa + b * b * (1 - pb) + inner)
+    mid = pb - pa
+    bias = (lo - w) * pa + (hi - w) * (1 - pb) + s * (phi_a - phi_b)  # E[clip] − w
+    second = (lo - w) ** 2 * pa + (hi - w) ** 2 * (1 - pb) + s * s * (mid - (b * phi_b - a * phi_a))
+    return bias * bias, np.maximum(second - bias * bias, 0)
 
 
-def _scores(q, sigma, lo, hi, rate, c) -> tuple[np.ndarray, np.ndarray]:
+def _copy_residual(w, sigma, lo, hi) -> np.ndarray:
+    """Expected squared difference per pixel between a copy of ``w`` under the query's noise and
+    ``w``: the clipped noise's bias² plus its variance."""
+    bias2, var = _clipped(w, sigma, lo, hi)
+    return bias2 + var
+
+
+def _background_sigma(q, background, sigma, lo, hi) -> np.ndarray:
+    """σ of the query's noise re-measured on ``background`` (pixels far from both the query's and
+    the registered candidate's ink): the σ whose clipped Gaussian gives the mean square seen
+    there (a mean square uses every pixel; the frame's σ, from a percentile, is rougher). Where
+    fewer than :data:`MIN_BACKGROUND` pixels qualify, ``sigma``."""
+    count = background.sum(axis=(1, 2))
+    seen = (q * q * background).sum(axis=(1, 2)) / np.maximum(count, 1)
+    a, b = np.full(len(q), 1e-6, np.float32), np.full(len(q), 3.0, np.float32)
+    zero = np.zeros(len(q), np.float32)
+    for _ in range(30):  # the mean square rises with σ: bisect
+        mid = 0.5 * (a + b)
+        above = _copy_residual(zero, mid, lo[:, 0, 0], hi[:, 0, 0]) > seen
+        a, b = np.where(above, a, mid), np.where(above, mid, b)
+    return np.where(count >= MIN_BACKGROUND, 0.5 * (a + b), sigma[:, 0, 0])[:, None, None]
+
+
+def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
     p, w = _register(q, c)
     resid = ((q - w) ** 2).sum(axis=(1, 2))
     stray = rate * ((hi - w) ** 2 + (lo - w) ** 2)  # a stray pixel replaces the value with lo or hi
-    expected = ((1 - 2 * rate) * _copy_residual(w, sigma, lo, hi) + stray).sum(axis=(1, 2))
+    expected = stray.sum(axis=(1, 2))
+    noisy = sigma[:, 0, 0] > 0
+    if noisy.any():
+        far = ~(ink[noisy] | ((_WIDE @ w[noisy] @ _WIDE.T) > INK_LEVEL))
+        s = _background_sigma(q[noisy], far, sigma[noisy], lo[noisy], hi[noisy])
+        gauss = _copy_residual(w[noisy], s, lo[noisy], hi[noisy])
+        expected[noisy] += ((1 - 2 * rate[noisy]) * gauss).sum(axis=(1, 2))
     energy = np.maximum((w**2).sum(axis=(1, 2)), 1e-3)
     penalty = ((p - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1)
     return resid + penalty, (resid - expected) / energy
@@ -124,7 +158,8 @@ def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.
     c = c.astype(np.float32) / np.float32(255) if c.dtype == np.uint8 else c.astype(np.float32)
     q = np.stack([f.ink for f in frames]).astype(np.float32)
     col = lambda name: np.asarray([getattr(f, name) for f in frames], np.float32)[:, None, None]  # noqa: E731
-    args = (q, col("sigma"), col("lo"), col("hi"), col("impulses"), c)
+    ink = np.stack([f.ink_mask for f in frames])
+    args = (q, col("sigma"), col("lo"), col("hi"), col("impulses"), ink, c)
     out_r, out_e = [], []
     for start in range(0, n, CHUNK):
         r, e = _scores(*(a[start : start + CHUNK] for a in args))
@@ -135,10 +170,15 @@ def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.
 
 # -- candidates from a code search ------------------------------------------------------------
 
-CANDIDATES = 10  # a query's nearest stored images (by code) that are checked
-GATE = 2.0  # ... of those, only the ones within GATE × the nearest one's code distance
+CANDIDATES = 16  # a query's nearest stored images (by code) that are checked
+GATE = 3.0  # ... of those, only the ones within GATE × the nearest one's code distance
 GATE_FLOOR = 0.01  # (a cosine distance; so that an identical nearest one does not shut the gate)
 DEFAULT_THRESHOLD = 0.04  # excess for versions calibrated before this check (about the shipped encoder's)
+# A noisy query's excess is uncertain by about the noise energy's own fluctuation; differences
+# between its candidates are not (the same noise is in every one): see accepted(). GAP is in
+# squared ink over the 28×28 frame.
+NOISY_MARGIN = 2.5
+GAP = 4.0
 
 
 def checked(keys: np.ndarray, dist: np.ndarray, width: int = CANDIDATES) -> list[list[int]]:
@@ -167,3 +207,21 @@ def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, wi
     for (i, j), ri, ei in zip(pairs, r, e):
         out[i].append((int(keys[i, j]), float(dist[i, j]), float(ri), float(ei)))
     return out
+
+
+def accepted(row: list[tuple[int, float, float, float]], frame: Frame, threshold: float
+             ) -> list[tuple[int, float, float, float]]:
+    """The candidates of one query (rows of :func:`check`) that are near-duplicates of it, best
+    explained first. A clean query: every one with excess at most ``threshold``. A noisy query
+    (whose excess is only as exact as its noise energy): among the candidates that explain it
+    about as well as the best one (residual within ``GAP`` of it) those with excess at most
+    ``threshold`` — and when the best one leads all others by ``GAP``, it alone, up to
+    ``NOISY_MARGIN × threshold``."""
+    ranked = sorted(row, key=lambda c: c[2])
+    if frame.sigma <= 0 or not ranked:
+        return [c for c in ranked if c[3] <= threshold]
+    best = ranked[0]
+    close = [c for c in ranked if c[2] < best[2] + GAP]
+    if len(close) == 1:
+        return [best] if best[3] <= NOISY_MARGIN * threshold else []
+    return [c for c in close if c[3] <= threshold]
