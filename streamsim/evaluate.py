@@ -203,13 +203,13 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     y = y.astype(np.int64)
     split = Split.make(len(x), queries=queries, seed=seed)
     raw_s, lab_s = x[split.stored], y[split.stored]
-    px_s, fr_s = normalise_all(raw_s, frames=True)
+    px_s = normalise_all(raw_s)
     q_raw, q_lab, q_own = raw_s[split.queries], lab_s[split.queries], split.queries
     relevant = np.bincount(lab_s, minlength=y.max() + 1)[q_lab] - 1
     say(f"{len(x)} images: {len(raw_s)} stored, {len(q_raw)} queries, {len(split.unseen)} unseen")
 
     # each condition: (raw queries, their pixels, their frames: what the duplicate check sees)
-    conditions: dict[str, tuple[np.ndarray, np.ndarray, list]] = {"clean": (q_raw, px_s[q_own], [fr_s[i] for i in q_own])}
+    conditions: dict[str, tuple[np.ndarray, np.ndarray, list]] = {"clean": (q_raw, *normalise_all(q_raw, frames=True))}
     for n, kind in enumerate(PERTURBATIONS, 1):
         r = perturb(q_raw, kind, seed=seed + n)
         conditions[kind] = (r, *normalise_all(r, px_s[q_own], frames=True))

@@ -604,17 +604,11 @@ def _frame_noise(values: np.ndarray, lo: float, hi: float) -> tuple[float, float
     observed one (robust to a few stray pixels), and the rate of stray pixels of each kind (set to
     ``lo`` or ``hi``): the share beyond half the ink's contrast that the Gaussian does not explain,
     the same rate assumed for the kind that cannot show against this background."""
-    from scipy.special import ndtr
+    from scipy.special import ndtr, ndtri
 
     t = float(np.quantile(np.abs(values), 0.9))
-    sigma = 0.0
-    if t > 0:
-        a, b = 1e-6, 4.0
-        for _ in range(50):  # P(|clip(n)| > t) rises with σ; bisect for 0.1
-            s = 0.5 * (a + b)
-            p = (1.0 - ndtr(t / s) if hi > t else 0.0) + (ndtr(-t / s) if -lo > t else 0.0)
-            a, b = (s, b) if p < 0.1 else (a, s)
-        sigma = 0.5 * (a + b)
+    tails = int(hi > t) + int(-lo > t)  # P(|clip(n)| > t) = tails × P(n > t): solve it for 0.1
+    sigma = t / float(ndtri(1.0 - 0.1 / tails)) if t > 0 and tails else 0.0
     far = float(np.mean(np.abs(values) > 0.5))
     gauss = 0.0
     if sigma > 0:

@@ -577,16 +577,19 @@ class Index:
             expanded = _unit(codes[0]) + neigh.sum(axis=1)
             codes = np.concatenate([codes, expanded[None]])
         keys, dist = vectors.search(codes.reshape(-1, codes.shape[-1]), k * RECALL_POOL)
-        keys = keys.reshape(len(codes), n, -1)
-        dist = dist.reshape(len(codes), n, -1)
+        keys = keys.reshape(len(codes), n, -1).transpose(1, 0, 2).reshape(n, -1)
+        dist = dist.reshape(len(codes), n, -1).transpose(1, 0, 2).reshape(n, -1)
         out = []
-        for i in range(n):
-            best: dict[int, float] = {}
-            for vi in range(len(codes)):
-                for key, d in zip(keys[vi, i], dist[vi, i]):
-                    if key >= 0 and d < best.get(int(key), np.inf):
-                        best[int(key)] = float(d)
-            out.append(sorted(best.items(), key=lambda kv: kv[1])[:k])
+        for row_k, row_d in zip(keys, dist):
+            ok = row_k >= 0
+            row_k, row_d = row_k[ok], row_d[ok]
+            order = np.lexsort((row_d, row_k))  # by key, then distance: each key's smallest first
+            row_k, row_d = row_k[order], row_d[order]
+            first = np.ones(len(row_k), bool)
+            first[1:] = row_k[1:] != row_k[:-1]
+            row_k, row_d = row_k[first], row_d[first]
+            top = np.argsort(row_d, kind="stable")[:k]
+            out.append([(int(a), float(b)) for a, b in zip(row_k[top], row_d[top])])
         return out
 
     def _matches(self, hits, version) -> list[list[Match]]:
