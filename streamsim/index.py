@@ -34,7 +34,7 @@ from . import drift, encoders, images, verify
 from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
-SIMILAR_MARGIN = 2.0  # similar search puts first the candidates within this × the duplicate threshold
+SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × the duplicate threshold
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
