@@ -29,6 +29,9 @@ VARIANTS = {
     "mlp-contrastive-views": ("mlp", {}, {"contrastive": 1.0}, 4),
     "dense-contrastive-views": ("dense", {}, {"contrastive": 1.0}, 4),
     "conv-contrastive-views": ("conv", {}, {"contrastive": 1.0}, 4),
+    # the shipped recipe with twice the elastic deformation, twice as often, and more stroke changes
+    "mlp-contrastive-views-deform": ("mlp", {}, {"contrastive": 1.0,
+                                                 "corruptions": {"elastic": 3.0, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
 }
 
 
@@ -54,7 +57,9 @@ def main(argv=None) -> int:
     for name in args.variants.split(","):
         arch, conf, tconf, n_views = VARIANTS[name]
         config = {**DEFAULT_CONFIGS[arch], **conf}
-        cfg = T.TrainConfig(epochs=args.epochs, batch_size=256, seed=0, corruptions=T.Corruptions(shift=3.0), **tconf)
+        tconf = dict(tconf)
+        corruptions = T.Corruptions(shift=3.0, **tconf.pop("corruptions", {}))
+        cfg = T.TrainConfig(epochs=args.epochs, batch_size=256, seed=0, corruptions=corruptions, **tconf)
         t0 = time.perf_counter()
         model, hist = T.fit(build(arch, config, seed=0), pixels, cfg, views=views_all[:, :n_views] if n_views else None)
         secs = time.perf_counter() - t0

