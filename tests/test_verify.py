@@ -98,3 +98,18 @@ def test_versions_without_the_check_use_the_default_threshold(tmp_path, digits):
     with Index.open(tmp_path / "s") as index:
         assert index.duplicate_rule() == verify.DEFAULT_THRESHOLD
         assert index.search(x[3], k=2, mode="duplicate")[0].distance == 0.0
+
+
+def test_calibration_separates_copies_from_distinct_digits(digits):
+    from streamsim import encoders
+    from streamsim.calibrate import calibrate
+    from streamsim.model import Encoder
+
+    x, _ = digits
+    model, _ = encoders.load(encoders.shipped_dir())
+    cal = calibrate(Encoder(model), normalise_all(x), seed=1, sample=200)
+    c = cal["duplicate_calibration"]
+    assert c["method"] == "verify" and c["candidates"] == verify.CANDIDATES and c["sample"] == 200
+    assert 0.0 < cal["duplicate_threshold"] < 0.2
+    assert c["copy_recall"] >= 0.8 and c["distinct_within"] <= 0.05
+    assert 0.0 <= c["noisy_distinct_within"] <= 1.0
