@@ -273,6 +273,15 @@ class Catalog:
     def ids_after(self, after: int) -> list[int]:
         return [int(r[0]) for r in self._query("SELECT id FROM images WHERE id > ? ORDER BY id", (int(after),))]
 
+    def existing_ids(self, ids: Iterable[int]) -> list[int]:
+        """Which of ``ids`` are stored."""
+        ids = [int(i) for i in ids]
+        found: list[int] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            found += [int(r[0]) for r in self._query(f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)]
+        return found
+
     def ids(self) -> np.ndarray:
         rows = self._query("SELECT id FROM images ORDER BY id")
         return np.fromiter((r[0] for r in rows), np.int64, len(rows))

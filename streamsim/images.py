@@ -80,7 +80,7 @@ class ImageError(ValueError):
         return (type(self), (self.source, self.reason))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Frame:
     """What a query looked like before its pixels were floored and clipped, for checking a
     candidate duplicate against it (:mod:`streamsim.verify`).

@@ -470,8 +470,21 @@ class Index:
         ``margin``), ``(key, distance)`` ordered by how well they explain the query
         (:mod:`streamsim.verify`)."""
         threshold = self.duplicate_rule(version) * margin
-        rows = verify.check(frames, keys, dist, self.catalog.pixels, width)
+        rows = verify.check(frames, keys, dist, self._candidate_pixels, width)
         return [[(key, d) for key, d, _r, _e in verify.accepted(row, f, threshold)] for row, f in zip(rows, frames)]
+
+    def _candidate_pixels(self, ids: list[int]) -> np.ndarray:
+        """Stored pixels of ``ids``, in order; blank for an image removed (by another process) whose
+        vector this one still holds — a blank explains nothing, and the match is dropped anyway."""
+        try:
+            return self.catalog.pixels(ids)
+        except KeyError:
+            have = set(self.catalog.existing_ids(ids))
+            out = np.zeros((len(ids), 28, 28), np.uint8)
+            kept = [n for n, i in enumerate(ids) if int(i) in have]
+            if kept:
+                out[kept] = self.catalog.pixels([ids[n] for n in kept])
+            return out
 
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
         """Top-k by code distance, except that stored near-duplicates of the query (among its

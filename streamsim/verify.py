@@ -10,14 +10,14 @@ on lightly smoothed images with a prior that keeps the fit near the identity, an
 
 - *residual* — the squared difference left after the fit, plus the prior's penalty: the
   lower, the better a candidate explains the query. Used to order candidates.
-- *excess* — that difference minus what the query's own noise (Gaussian σ and a rate of stray
-  pixels, measured around its ink, clipped where the image's value range clips it) would leave
-  for a true copy, per unit of the candidate's ink energy. About 0 for a copy; for anything
+- *excess* — that difference minus what the query's own noise (Gaussian σ, re-measured on the
+  pixels far from both inks, and a rate of stray pixels; clipped where the image's value range
+  clips it) would leave for a true copy, per unit of the candidate's ink energy. About 0 for a copy; for anything
   else, the share of the ink that differs. Used, with a threshold calibrated per encoder version
   (:mod:`streamsim.calibrate`), to call a candidate a duplicate.
 
-Batched numpy on ``[N, 28, 28]`` pairs (separable warps are 28×28 matrix products), about
-0.3 ms a pair on one CPU core.
+Batched numpy on ``[N, 28, 28]`` pairs: the warps are separable, so each is two 28×28 matrix
+products.
 
 Example:
     >>> from streamsim.images import Frame

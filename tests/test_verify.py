@@ -113,3 +113,15 @@ def test_calibration_separates_copies_from_distinct_digits(digits):
     assert 0.0 < cal["duplicate_threshold"] < 0.2
     assert c["copy_recall"] >= 0.8 and c["distinct_within"] <= 0.05
     assert 0.0 <= c["noisy_distinct_within"] <= 1.0
+
+
+def test_an_image_removed_by_another_process_does_not_break_the_check(tmp_path, digits):
+    x, _ = digits
+    with Index.open(tmp_path / "s") as index:
+        ids = index.add_many(x[:30])
+        with Index.open(tmp_path / "s") as other:
+            assert other.remove(ids[4])
+        # this process still holds the removed image's vector: the search goes on without it
+        for mode in ("similar", "duplicate"):
+            hits = index.search(x[4], k=3, mode=mode)
+            assert ids[4] not in [h.id for h in hits]
