@@ -651,12 +651,16 @@ def _supported(mask: np.ndarray) -> np.ndarray:
 
 
 def _neighbourhood_count(mask: np.ndarray) -> np.ndarray:
-    """How many pixels of each 3×3 neighbourhood (the pixel included) are set, from an integral
-    image: a handful of array operations."""
+    """How many pixels of each 3×3 neighbourhood (the pixel included) are set: sums of shifted
+    slices of a zero-bordered copy, rows then columns (a handful of array operations)."""
     h, w = mask.shape
-    integral = np.zeros((h + 3, w + 3), np.int32)
-    np.cumsum(np.cumsum(np.pad(mask, 1).astype(np.int32), axis=0), axis=1, out=integral[1:, 1:])
-    return integral[3:, 3:] - integral[:-3, 3:] - integral[3:, :-3] + integral[:-3, :-3]
+    m = np.zeros((h + 2, w + 2), np.uint8)
+    m[1:-1, 1:-1] = mask
+    rows = m[:-2] + m[1:-1]
+    rows += m[2:]
+    out = rows[:, :-2] + rows[:, 1:-1]
+    out += rows[:, 2:]
+    return out
 
 
 def _fit(ink: np.ndarray) -> np.ndarray:
