@@ -555,8 +555,8 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     pixels = _place(box, top, left)
     if not frame:
         return pixels
-    linear = (grey - np.float32(background)) * np.float32(sign / contrast)
-    lin, inside = _linear_frame(linear, (int(rows[0]), int(cols[0])), crop.shape, box.shape, (top, left))
+    lin, inside = _linear_frame(grey, background, sign / contrast, (int(rows[0]), int(cols[0])), crop.shape,
+                                box.shape, (top, left))
     around = inside.copy()
     h, w = box.shape
     around[max(0, top - 1) : top + h + 1, max(0, left - 1) : left + w + 1] = False
@@ -577,25 +577,33 @@ def _near_ink(ink: np.ndarray) -> np.ndarray:
     return gaussian_filter(np.asarray(ink, np.float32), 1.0, mode="constant") > 0.1
 
 
-def _linear_frame(linear: np.ndarray, origin: tuple[int, int], crop_shape: tuple[int, int],
-                  box_shape: tuple[int, int], offset: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """The whole image as ink in the pixels' own frame, float32 [28, 28]: ``linear`` (ink bright,
-    0 = background, 1 = the ink's contrast; paper noise kept, not floored or clipped) resampled by
-    the same crop, scale and placement as the pixels, so that the canvas also shows what lies
-    around the ink's box. Where it falls outside the image it is 0 (the second array says where it
-    falls inside). Downscaling is anti-aliased (a Gaussian of the scale's width first), so the
-    noise is averaged as in the pixels."""
+def _linear_frame(grey: np.ndarray, background: float, gain: float, origin: tuple[int, int],
+                  crop_shape: tuple[int, int], box_shape: tuple[int, int], offset: tuple[int, int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The image as ink in the pixels' own frame, float32 [28, 28]: ``(grey − background) × gain``
+    (ink bright, 0 = background, 1 = the ink's contrast; paper noise kept, not floored or clipped)
+    resampled by the same crop, scale and placement as the pixels, so that the canvas also shows
+    what lies around the ink's box. Where it falls outside the image it is 0 (the second array
+    says where it falls inside). Downscaling is anti-aliased (a Gaussian of the scale's width
+    first), so the noise is averaged as in the pixels. Only the window the canvas covers is read."""
     from scipy.ndimage import gaussian_filter, map_coordinates
 
     sy, sx = box_shape[0] / crop_shape[0], box_shape[1] / crop_shape[1]
-    if min(sy, sx) < 1:
-        linear = gaussian_filter(linear, (max(0.0, 0.5 / sy - 0.5), max(0.0, 0.5 / sx - 0.5)), mode="nearest")
+    blur = (max(0.0, 0.5 / sy - 0.5), max(0.0, 0.5 / sx - 0.5)) if min(sy, sx) < 1 else (0.0, 0.0)
     rr = (np.arange(_SIDE, dtype=np.float32) - offset[0] + 0.5) / sy - 0.5 + origin[0]
     cc = (np.arange(_SIDE, dtype=np.float32) - offset[1] + 0.5) / sx - 0.5 + origin[1]
+    h, w = grey.shape
+    r0 = min(max(0, int(np.floor(rr[0])) - int(4 * blur[0]) - 2), h - 1)
+    r1 = max(min(h, int(np.ceil(rr[-1])) + int(4 * blur[0]) + 3), r0 + 1)
+    c0 = min(max(0, int(np.floor(cc[0])) - int(4 * blur[1]) - 2), w - 1)
+    c1 = max(min(w, int(np.ceil(cc[-1])) + int(4 * blur[1]) + 3), c0 + 1)
+    window = (grey[r0:r1, c0:c1] - np.float32(background)) * np.float32(gain)
+    if blur != (0.0, 0.0):
+        window = gaussian_filter(window, blur, mode="nearest")
     r, c = np.meshgrid(rr, cc, indexing="ij")
-    h, w = linear.shape
     inside = (r >= 0) & (r <= h - 1) & (c >= 0) & (c <= w - 1)
-    return map_coordinates(linear, [r, c], order=1, mode="constant", cval=0.0).astype(np.float32), inside
+    ink = map_coordinates(window, [r - r0, c - c0], order=1, mode="constant", cval=0.0).astype(np.float32)
+    return np.where(inside, ink, np.float32(0)), inside
 
 
 def _frame_noise(values: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
