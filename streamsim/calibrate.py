@@ -103,8 +103,11 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     copy_ex = np.array([min([e for key, _, _, e in row if key == own[i]], default=MISSED) for i, row in enumerate(copy_rows)])
     # distinct images: the smallest excess over any other stored image (exact pixel twins are identical, not near)
     d = 1.0 - _unit(codes[dup]) @ pool_u.T
-    twins = (pixels[dup].reshape(len(own), 1, -1) == pool.reshape(1, len(pool), -1)).all(axis=2)
-    d[twins] = np.inf
+    where: dict[bytes, list[int]] = {}
+    for j, p in enumerate(pool):
+        where.setdefault(p.tobytes(), []).append(j)
+    for i, p in enumerate(pixels[dup]):
+        d[i, where.get(p.tobytes(), [])] = np.inf
     keys, dist = nearest(d)
     keys = np.where(np.isfinite(dist), keys, -1)
     rows = verify.check([Frame.of_pixels(p) for p in pixels[dup]], keys, dist, lambda ids: pool[ids])
@@ -139,7 +142,7 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
             # images the store does not hold (the check's weak spot, docs/search-modes.md)
             "noisy_distinct_within": float(np.mean([
                 bool(verify.accepted([c for c in row if c[0] != own[i]], f, threshold))
-                for i, (row, f) in enumerate(zip(copy_rows, copy_frames)) if f.sigma > 0])),
+                for i, (row, f) in enumerate(zip(copy_rows, copy_frames)) if f.sigma > 0] or [0.0])),
             "copy_excess_median": q(copy_ex, 0.5),
             "copy_excess_q95": q(copy_ex, 0.95),
             "copy_excess_q99": q(copy_ex, COPY_QUANTILE),
