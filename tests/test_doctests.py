@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["streamsim.images", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
-           "streamsim.perturb", "streamsim.calibrate"]
+           "streamsim.perturb", "streamsim.calibrate", "streamsim.verify"]
 
 
 @pytest.mark.parametrize("name", MODULES)
