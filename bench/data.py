@@ -56,3 +56,16 @@ def glyph_renders(*, size: int = 32, angles=(-3, 3), canvas: int = 64):
                 out.append(np.asarray(img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=255)))
                 labels.append(ch)
     return np.stack(out), np.asarray(labels)
+
+
+def sklearn_digits():
+    """The 1,797 handwritten digits of scikit-learn (UCI, 8×8 px, 0..16), upscaled into a 20-px box
+    on a 28×28 canvas (bilinear): another source, another writer population, and far blurrier
+    strokes than MNIST — (uint8 [N, 28, 28], labels [N])."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    box = [np.asarray(Image.fromarray((im * 16).clip(0, 255).astype(np.uint8)).resize((20, 20), Image.BILINEAR))
+           for im in d.images]
+    return np.stack([np.pad(b, 4) for b in box]), d.target
