@@ -216,8 +216,8 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     nd_raw = perturb(q_raw, "neardup", seed=seed + 99)
     nd_px, nd_fr = normalise_all(nd_raw, px_s[q_own], frames=True)
     unseen_raw = x[split.unseen]
-    unseen = (normalise_all(unseen_raw, frames=True),
-              normalise_all(perturb(unseen_raw, "neardup", seed=seed + 98), normalise_all(unseen_raw), frames=True))
+    clean_unseen = normalise_all(unseen_raw, frames=True)
+    unseen = (clean_unseen, normalise_all(perturb(unseen_raw, "neardup", seed=seed + 98), clean_unseen[0], frames=True))
     say("perturbed the queries")
 
     methods: dict[str, dict[str, Any]] = {}

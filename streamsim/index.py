@@ -417,9 +417,10 @@ class Index:
             raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
         if int(k) < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        loaded = [images.load(x, frame=True) for x in images_]
+        checks = mode != "recall"  # only similar and duplicate check candidates against the query's frame
+        loaded = [images.load(x, frame=checks) for x in images_]
         pixels = np.stack([x.pixels for x in loaded]) if loaded else np.zeros((0, 28, 28), np.uint8)
-        return self.search_pixels(pixels, int(k), mode=mode, frames=[x.frame for x in loaded])
+        return self.search_pixels(pixels, int(k), mode=mode, frames=[x.frame for x in loaded] if checks else None)
 
     def search_pixels(self, pixels: np.ndarray, k: int = 10, *, mode: str = "similar",
                       frames: list[images.Frame] | None = None) -> list[list[Match]]:
@@ -430,7 +431,7 @@ class Index:
             raise ValueError(UNKNOWN_MODE_MSG.format(mode=mode))
         if len(pixels) == 0:
             return []
-        if frames is None:
+        if frames is None and mode != "recall":
             frames = [images.Frame.of_pixels(p) for p in pixels]
         with self._lock:
             v = self.active_version
