@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     config = dict(DEFAULT_CONFIGS[args.arch])
     cfg = T.TrainConfig(epochs=args.epochs, batch_size=256, invariance=args.invariance, contrastive=args.contrastive,
-                        seed=args.seed, corruptions=T.Corruptions(shift=3.0))
+                        seed=args.seed, corruptions=T.Corruptions(shift=3.0, elastic=3.0, p_elastic=0.6, p_stroke=0.5))
     model, history = T.fit(build(args.arch, config, seed=args.seed), data, cfg, views=views,
                            progress=lambda e, n, m: print(f"epoch {e}/{n} recon {m['recon']:.4f} "
                                                           f"contrastive {m['contrastive']:.4f}", flush=True))

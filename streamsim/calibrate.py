@@ -92,7 +92,7 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     own = pick[dup]
 
     def nearest(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        k = min(verify.CANDIDATES, d.shape[1])
+        k = min(max(verify.CANDIDATES, verify.NOISY_CANDIDATES), d.shape[1])
         keys = np.argsort(d, axis=1, kind="stable")[:, :k]
         return keys, np.take_along_axis(d, keys, axis=1)
 
@@ -125,9 +125,10 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
         },
         "duplicate_threshold": threshold,
         "duplicate_calibration": {
-            "method": "verify",
+            "method": verify.METHOD,
             "rule": (f"among the query's {verify.CANDIDATES} nearest stored images by code (within {verify.GATE:g}x the "
-                     "nearest one's distance), those whose pixels, registered onto the query, leave an excess "
+                     f"nearest one's distance; a noisy query's {verify.NOISY_CANDIDATES}, within {verify.NOISY_GATE:g}x), "
+                     "those whose pixels, registered onto the query, leave an excess (per unit of edge energy) "
                      f"<= threshold (for a noisy query, only among those whose residual is within {verify.GAP:g} of the best "
                      f"one's; the best one alone up to {verify.NOISY_MARGIN:g} x threshold when it leads all others by that "
                      "much); threshold: the middle between the copies' "
@@ -135,6 +136,8 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
                      "when apart, else the latter"),
             "candidates": verify.CANDIDATES,
             "gate": verify.GATE,
+            "noisy_candidates": verify.NOISY_CANDIDATES,
+            "noisy_gate": verify.NOISY_GATE,
             "copy_recall": float(np.mean([any(c[0] == own[i] for c in verify.accepted(row, f, threshold))
                                           for i, (row, f) in enumerate(zip(copy_rows, copy_frames))])),
             "distinct_within": float(np.mean(distinct_ex <= threshold)),

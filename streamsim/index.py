@@ -490,7 +490,7 @@ class Index:
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
         """Top-k by code distance, except that stored near-duplicates of the query (among its
         nearest :data:`verify.CANDIDATES`) come first: the most similar image is a copy."""
-        keys, dist = vectors.search(enc(pixels), max(k, verify.CANDIDATES))
+        keys, dist = vectors.search(enc(pixels), verify.search_width(frames, max(k, verify.CANDIDATES)))
         out = []
         for i, dups in enumerate(self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)):
             first = {key for key, _ in dups}
@@ -502,7 +502,7 @@ class Index:
         """Identical pixels first (distance 0), then stored images that pass the version's
         duplicate check (:meth:`duplicate_rule`), best explained first."""
         width = max(k, verify.CANDIDATES)
-        keys, dist = vectors.search(enc(pixels), width)
+        keys, dist = vectors.search(enc(pixels), verify.search_width(frames, width))
         out = []
         for px, row in zip(pixels, self._checked(frames, keys, dist, version, width)):
             exact = self.catalog.find_pixels(px)
@@ -515,9 +515,10 @@ class Index:
         query's nearest by code is a near-duplicate when its pixels, registered onto the query,
         leave an excess (:func:`streamsim.verify.scores`) of at most this — calibrated on perturbed
         copies and distinct images when the version was made (:mod:`streamsim.calibrate`).
-        Versions calibrated before this check use :data:`streamsim.verify.DEFAULT_THRESHOLD`."""
+        Versions calibrated otherwise (by an older release: another ``method``, another scale)
+        use :data:`streamsim.verify.DEFAULT_THRESHOLD`."""
         meta = self.meta(self.active_version if version is None else int(version))
-        if meta.get("duplicate_calibration", {}).get("method") != "verify":
+        if meta.get("duplicate_calibration", {}).get("method") != verify.METHOD:
             return verify.DEFAULT_THRESHOLD
         return float(meta["duplicate_threshold"])
 

@@ -12,9 +12,12 @@ on lightly smoothed images with a prior that keeps the fit near the identity, an
   lower, the better a candidate explains the query. Used to order candidates.
 - *excess* — that difference minus what the query's own noise (Gaussian σ, re-measured on the
   pixels far from both inks, and a rate of stray pixels; clipped where the image's value range
-  clips it) would leave for a true copy, per unit of the candidate's ink energy. About 0 for a copy; for anything
-  else, the share of the ink that differs. Used, with a threshold calibrated per encoder version
-  (:mod:`streamsim.calibrate`), to call a candidate a duplicate.
+  clips it) would leave for a true copy, per unit of the candidate's *edge energy* (its squared
+  gradient, summed). About 0 for a copy; for anything else, roughly the mean squared distance
+  (px²) its ink would have to move to become the query's — a measure of shape, not of how thick
+  or blurred the strokes are, so one threshold holds for thin pen strokes and soft, thick scans
+  alike. Used, with a threshold calibrated per encoder version (:mod:`streamsim.calibrate`), to
+  call a candidate a duplicate.
 
 Batched numpy on ``[N, 28, 28]`` pairs: the warps are separable, so each is two 28×28 matrix
 products.
@@ -116,6 +119,15 @@ def _copy_residual(w, sigma, lo, hi) -> np.ndarray:
     return bias2 + var
 
 
+def _summed_copy_residual(w, sigma, lo, hi) -> np.ndarray:
+    """:func:`_copy_residual` summed over each image of ``w`` ``[N, H, W]`` (σ, lo, hi: ``[N]``),
+    computed pixel by pixel only where ``w`` is not 0 (the rest share one value per image)."""
+    base = _copy_residual(np.zeros(len(w), w.dtype), sigma, lo, hi)
+    img, *_ = nz = np.nonzero(w)
+    extra = _copy_residual(w[nz], sigma[img], lo[img], hi[img]) - base[img]
+    return base * w[0].size + np.bincount(img, weights=extra, minlength=len(w))
+
+
 def _background_sigma(q, background, sigma, lo, hi) -> np.ndarray:
     """σ of the query's noise re-measured on ``background`` (pixels far from both the query's and
     the registered candidate's ink): the σ whose clipped Gaussian gives the mean square seen
@@ -132,6 +144,12 @@ def _background_sigma(q, background, sigma, lo, hi) -> np.ndarray:
     return np.where(count >= MIN_BACKGROUND, 0.5 * (a + b), sigma[:, 0, 0])[:, None, None]
 
 
+def edge_energy(w: np.ndarray) -> np.ndarray:
+    """Sum of squared differences between neighbouring pixels (rows and columns) of each image
+    ``[N, H, W]``: how much a small displacement of its ink changes it."""
+    return (np.diff(w, axis=1) ** 2).sum(axis=(1, 2)) + (np.diff(w, axis=2) ** 2).sum(axis=(1, 2))
+
+
 def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
     p, w = _register(q, c)
     resid = ((q - w) ** 2).sum(axis=(1, 2))
@@ -141,9 +159,9 @@ def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
     if noisy.any():
         far = ~(ink[noisy] | ((_WIDE @ w[noisy] @ _WIDE.T) > INK_LEVEL))
         s = _background_sigma(q[noisy], far, sigma[noisy], lo[noisy], hi[noisy])
-        gauss = _copy_residual(w[noisy], s, lo[noisy], hi[noisy])
-        expected[noisy] += ((1 - 2 * rate[noisy]) * gauss).sum(axis=(1, 2))
-    energy = np.maximum((w**2).sum(axis=(1, 2)), 1e-3)
+        gauss = _summed_copy_residual(w[noisy], s[:, 0, 0], lo[noisy, 0, 0], hi[noisy, 0, 0])
+        expected[noisy] += (1 - 2 * rate[noisy, 0, 0]) * gauss
+    energy = np.maximum(edge_energy(w), 1e-3)
     penalty = ((p - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1)
     return resid + penalty, (resid - expected) / energy
 
@@ -172,8 +190,12 @@ def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.
 
 CANDIDATES = 16  # a query's nearest stored images (by code) that are checked
 GATE = 3.0  # ... of those, only the ones within GATE × the nearest one's code distance
+# A query with paper noise has a less exact code: its original can rank lower, further out.
+NOISY_CANDIDATES = 32
+NOISY_GATE = 4.0
 GATE_FLOOR = 0.01  # (a cosine distance; so that an identical nearest one does not shut the gate)
-DEFAULT_THRESHOLD = 0.04  # excess for versions calibrated before this check (about the shipped encoder's)
+METHOD = "verify-edges"  # recorded with a calibration; thresholds recorded under another method are not comparable
+DEFAULT_THRESHOLD = 0.07  # excess for versions calibrated otherwise (about the shipped encoder's)
 # A noisy query's excess is uncertain by about the noise energy's own fluctuation; differences
 # between its candidates are not (the same noise is in every one): see accepted(). GAP is in
 # squared ink over the 28×28 frame.
@@ -181,21 +203,32 @@ NOISY_MARGIN = 2.5
 GAP = 4.0
 
 
-def checked(keys: np.ndarray, dist: np.ndarray, width: int = CANDIDATES) -> list[list[int]]:
+def search_width(frames: list[Frame], width: int = CANDIDATES) -> int:
+    """How many nearest stored images a code search must return for :func:`check` to see every
+    candidate of these queries (``width`` for clean ones, at least :data:`NOISY_CANDIDATES` when
+    any is noisy)."""
+    return max(width, NOISY_CANDIDATES) if any(f.sigma > 0 for f in frames) else width
+
+
+def checked(keys: np.ndarray, dist: np.ndarray, width: int = CANDIDATES, noisy=None) -> list[list[int]]:
     """Per row of a code search (ascending distances), the columns worth checking: the first
-    ``width`` stored images within ``GATE`` × the nearest one's distance."""
+    ``width`` stored images within ``GATE`` × the nearest one's distance — for rows marked
+    ``noisy``, the first ``max(width, NOISY_CANDIDATES)`` within ``NOISY_GATE`` ×."""
     out = []
-    for row_k, row_d in zip(keys, dist):
-        limit = GATE * max(float(row_d[0]) if len(row_d) else 0.0, GATE_FLOOR)
-        out.append([j for j in range(min(width, len(row_k))) if row_k[j] >= 0 and row_d[j] <= limit])
+    for i, (row_k, row_d) in enumerate(zip(keys, dist)):
+        wide = noisy is not None and bool(noisy[i])
+        n, gate = (max(width, NOISY_CANDIDATES), NOISY_GATE) if wide else (width, GATE)
+        limit = gate * max(float(row_d[0]) if len(row_d) else 0.0, GATE_FLOOR)
+        out.append([j for j in range(min(n, len(row_k))) if row_k[j] >= 0 and row_d[j] <= limit])
     return out
 
 
 def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, width: int = CANDIDATES
           ) -> list[list[tuple[int, float, float, float]]]:
     """Check each query's candidates: per row, ``(key, code distance, residual, excess)`` for the
-    columns :func:`checked` picks. ``pixels_of(ids)`` returns stored pixels in the order asked."""
-    cols = checked(keys, dist, width)
+    columns :func:`checked` picks (a noisy frame's wider). ``pixels_of(ids)`` returns stored
+    pixels in the order asked; ``keys`` should have :func:`search_width` columns."""
+    cols = checked(keys, dist, width, [f.sigma > 0 for f in frames])
     pairs = [(i, j) for i, row in enumerate(cols) for j in row]
     if not pairs:
         return [[] for _ in cols]

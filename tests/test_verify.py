@@ -91,12 +91,15 @@ def test_versions_without_the_check_use_the_default_threshold(tmp_path, digits):
     with Index.open(tmp_path / "s") as index:
         index.add_many(x[:10])
         meta_path = index.root / "encoders" / "v0001" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    assert meta["duplicate_calibration"]["method"] == "verify"
-    meta["duplicate_calibration"] = {"rank": 5, "scale_typical": 0.1}  # as an older release wrote it
-    meta_path.write_text(json.dumps(meta))
+        meta = json.loads(meta_path.read_text())
+        assert meta["duplicate_calibration"]["method"] == verify.METHOD
+        assert index.duplicate_rule() == meta["duplicate_threshold"] != verify.DEFAULT_THRESHOLD
+    for older in ({"rank": 5, "scale_typical": 0.1}, {"method": "verify"}):  # as older releases wrote it
+        meta["duplicate_calibration"] = older
+        meta_path.write_text(json.dumps(meta))
+        with Index.open(tmp_path / "s") as index:
+            assert index.duplicate_rule() == verify.DEFAULT_THRESHOLD
     with Index.open(tmp_path / "s") as index:
-        assert index.duplicate_rule() == verify.DEFAULT_THRESHOLD
         assert index.search(x[3], k=2, mode="duplicate")[0].distance == 0.0
 
 
@@ -109,7 +112,7 @@ def test_calibration_separates_copies_from_distinct_digits(digits):
     model, _ = encoders.load(encoders.shipped_dir())
     cal = calibrate(Encoder(model), normalise_all(x), seed=1, sample=200)
     c = cal["duplicate_calibration"]
-    assert c["method"] == "verify" and c["candidates"] == verify.CANDIDATES and c["sample"] == 200
+    assert c["method"] == verify.METHOD and c["candidates"] == verify.CANDIDATES and c["sample"] == 200
     assert 0.0 < cal["duplicate_threshold"] < 0.2
     assert c["copy_recall"] >= 0.8 and c["distinct_within"] <= 0.05
     assert 0.0 <= c["noisy_distinct_within"] <= 1.0
