@@ -273,8 +273,8 @@ def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevan
             out[i, : len(got)] = got
         return out
 
-    res = {name: _scores(_without_self(ranked(p, TOP + 1, frames=f), q_own, TOP), lab_s, q_lab, relevant)
-           for name, (_r, p, f) in conditions.items()}
+    rankings = {name: _without_self(ranked(p, TOP + 1, frames=f), q_own, TOP) for name, (_r, p, f) in conditions.items()}
+    res = {name: _scores(r, lab_s, q_lab, relevant) for name, r in rankings.items()}
     nd_px, nd_fr = neardup
     top1 = ranked(nd_px, 1, frames=nd_fr)[:, 0]
     dup = index.search_pixels(nd_px, 10, mode="duplicate", frames=nd_fr)
@@ -283,13 +283,16 @@ def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevan
     false_dup = index.search_pixels(unseen_px, 1, mode="duplicate", frames=unseen_fr) if len(unseen_px) else []
     false_noisy = index.search_pixels(noisy_px, 1, mode="duplicate", frames=noisy_fr) if len(noisy_px) else []
     # recall mode on clean queries, and on perturbed ones (each query under one perturbation, in turn)
-    mixed = np.stack([conditions[PERTURBATIONS[i % len(PERTURBATIONS)]][1][i] for i in range(len(q_own))])
+    mix = [PERTURBATIONS[i % len(PERTURBATIONS)] for i in range(len(q_own))]
+    mixed = np.stack([conditions[c][1][i] for i, c in enumerate(mix)])
     clean_px = conditions["clean"][1]
     recall_mode = {
         "recall_at_100": _scores(_without_self(ranked(clean_px, TOP + 1, "recall"), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
         "recall_at_100_perturbed": _scores(_without_self(ranked(mixed, TOP + 1, "recall"), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
         "similar_recall_at_100": res["clean"]["recall_at_100"],
-        "similar_recall_at_100_perturbed": _scores(_without_self(ranked(mixed, TOP + 1), q_own, TOP), lab_s, q_lab, relevant)["recall_at_100"],
+        # (each query's similar-mode ranking under its perturbation, as searched above)
+        "similar_recall_at_100_perturbed": _scores(np.stack([rankings[c][i] for i, c in enumerate(mix)]), lab_s, q_lab,
+                                                   relevant)["recall_at_100"],
     }
     return {
         "retrieval": res,

@@ -23,6 +23,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,7 @@ class Index:
         self._vectors_version: int | None = None
         self._last_save = time.monotonic()
         self._known_max = 0  # every image id up to this one is in the active vectors
+        self._checks = weakref.WeakKeyDictionary()  # query frame -> pixel-check scores by image id (verify.check)
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -471,7 +473,7 @@ class Index:
         ``margin``), ``(key, distance)`` ordered by how well they explain the query
         (:mod:`streamsim.verify`)."""
         threshold = self.duplicate_rule(version) * margin
-        rows = verify.check(frames, keys, dist, self._candidate_pixels, width)
+        rows = verify.check(frames, keys, dist, self._candidate_pixels, width, memo=self._checks)
         return [[(key, d) for key, d, _r, _e in verify.accepted(row, f, threshold)] for row, f in zip(rows, frames)]
 
     def _candidate_pixels(self, ids: list[int]) -> np.ndarray:
@@ -494,7 +496,7 @@ class Index:
         out = []
         for i, dups in enumerate(self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)):
             first = {key for key, _ in dups}
-            rest = [(int(key), float(d)) for key, d in zip(keys[i], dist[i]) if key >= 0 and int(key) not in first]
+            rest = [(key, d) for key, d in zip(keys[i].tolist(), dist[i].tolist()) if key >= 0 and key not in first]
             out.append((dups + rest)[:k])
         return out
 

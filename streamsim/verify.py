@@ -33,6 +33,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from .images import Frame
@@ -67,7 +69,17 @@ def _interp(scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Linear-interpolation matrices ``[N, 28, 28]``: output row i samples the source at
     ``scale × (i − centre) + shift + centre`` (0 outside)."""
     pos = scale[:, None] * _U[None] + shift[:, None] + _CENTRE  # [N, 28]
-    return np.maximum(1 - np.abs(pos[:, :, None] - np.arange(SIDE, dtype=np.float32)[None, None]), 0)
+    left = np.floor(pos)
+    frac = (pos - left).astype(np.float32)
+    left = left.astype(np.int64)
+    # two taps per row, at source columns left and left + 1, written into columns −1 … 28 and cut
+    out = np.zeros((len(pos), SIDE, SIDE + 2), np.float32)
+    at = np.clip(left + 1, 0, SIDE + 1)[:, :, None]
+    np.put_along_axis(out, at, np.where((left >= -1) & (left <= SIDE), 1 - frac, 0)[:, :, None], axis=2)
+    at2 = np.clip(left + 2, 0, SIDE + 1)[:, :, None]  # may meet the first tap only where both are cut
+    np.put_along_axis(out, at2, np.take_along_axis(out, at2, axis=2)
+                      + np.where((left >= -2) & (left <= SIDE - 1), frac, 0)[:, :, None], axis=2)
+    return out[:, :, 1 : SIDE + 1]
 
 
 def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,12 +190,31 @@ def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.
     col = lambda name: np.asarray([getattr(f, name) for f in frames], np.float32)[:, None, None]  # noqa: E731
     ink = np.stack([f.ink_mask for f in frames])
     args = (q, col("sigma"), col("lo"), col("hi"), col("impulses"), ink, c)
-    out_r, out_e = [], []
-    for start in range(0, n, CHUNK):
-        r, e = _scores(*(a[start : start + CHUNK] for a in args))
-        out_r.append(r)
-        out_e.append(e)
-    return np.concatenate(out_r), np.concatenate(out_e)
+    workers = _workers()
+    step = min(CHUNK, max(MIN_SPLIT, -(-n // workers)))
+    run = lambda start: _scores(*(a[start : start + step] for a in args))  # noqa: E731
+    starts = range(0, n, step)
+    done = [run(starts[0])] if len(starts) == 1 else list(_pool().map(run, starts))
+    return np.concatenate([r for r, _ in done]), np.concatenate([e for _, e in done])
+
+
+MIN_SPLIT = 512  # pairs: smaller batches are scored on the calling thread
+_POOL: tuple[int, object] | None = None  # (pid, executor): a forked child makes its own
+
+
+def _workers() -> int:
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _pool():
+    """Threads that score chunks of pairs side by side (numpy releases the GIL in the matrix
+    products that dominate)."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="streamsim-verify"))
+    return _POOL[1]
 
 
 # -- candidates from a code search ------------------------------------------------------------
@@ -223,23 +254,28 @@ def checked(keys: np.ndarray, dist: np.ndarray, width: int = CANDIDATES, noisy=N
     return out
 
 
-def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, width: int = CANDIDATES
-          ) -> list[list[tuple[int, float, float, float]]]:
+def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, width: int = CANDIDATES,
+          memo=None) -> list[list[tuple[int, float, float, float]]]:
     """Check each query's candidates: per row, ``(key, code distance, residual, excess)`` for the
     columns :func:`checked` picks (a noisy frame's wider). ``pixels_of(ids)`` returns stored
-    pixels in the order asked; ``keys`` should have :func:`search_width` columns."""
+    pixels in the order asked; ``keys`` should have :func:`search_width` columns.
+
+    ``memo`` (a :class:`weakref.WeakKeyDictionary`, optional): ``{frame: {key: (residual,
+    excess)}}`` of pairs already scored — a frame checked again (the same query in another mode)
+    is only scored against candidates it has not met; new scores are added. Valid because a
+    stored image's pixels never change."""
     cols = checked(keys, dist, width, [f.sigma > 0 for f in frames])
-    pairs = [(i, j) for i, row in enumerate(cols) for j in row]
-    if not pairs:
-        return [[] for _ in cols]
-    wanted = sorted({int(keys[i, j]) for i, j in pairs})
-    where = {key: n for n, key in enumerate(wanted)}
-    stored = pixels_of(wanted)
-    r, e = scores([frames[i] for i, _ in pairs], stored[[where[int(keys[i, j])] for i, j in pairs]])
-    out: list[list[tuple[int, float, float, float]]] = [[] for _ in cols]
-    for (i, j), ri, ei in zip(pairs, r, e):
-        out[i].append((int(keys[i, j]), float(dist[i, j]), float(ri), float(ei)))
-    return out
+    known = [memo.setdefault(f, {}) if memo is not None else {} for f in frames]
+    keyed = [[int(k) for k in row] for row in keys.tolist()]
+    pairs = [(i, j) for i, row in enumerate(cols) for j in row if keyed[i][j] not in known[i]]
+    if pairs:
+        wanted = sorted({keyed[i][j] for i, j in pairs})
+        where = {key: n for n, key in enumerate(wanted)}
+        stored = pixels_of(wanted)
+        r, e = scores([frames[i] for i, _ in pairs], stored[[where[keyed[i][j]] for i, j in pairs]])
+        for (i, j), ri, ei in zip(pairs, r.tolist(), e.tolist()):
+            known[i][keyed[i][j]] = (ri, ei)
+    return [[(keyed[i][j], float(dist[i, j]), *known[i][keyed[i][j]]) for j in row] for i, row in enumerate(cols)]
 
 
 def accepted(row: list[tuple[int, float, float, float]], frame: Frame, threshold: float

@@ -128,3 +128,57 @@ def test_an_image_removed_by_another_process_does_not_break_the_check(tmp_path, 
         for mode in ("similar", "duplicate"):
             hits = index.search(x[4], k=3, mode=mode)
             assert ids[4] not in [h.id for h in hits]
+
+
+def test_scores_split_across_threads_equal_scores_in_one_batch(digits):
+    x, _ = digits
+    px = normalise_all(x[:40])
+    copies, frames = normalise_all(perturb(x[:40], "neardup", seed=5), frames=True)
+    rng = np.random.default_rng(0)
+    pick = rng.integers(0, 40, 3 * verify.MIN_SPLIT)  # large enough to be split
+    q = [frames[i] for i in pick]
+    c = px[rng.integers(0, 40, len(pick))]
+    whole = verify.scores(q, c)
+    step = verify.MIN_SPLIT // 2  # each below the split size: one thread each
+    parts = [verify.scores(q[s : s + step], c[s : s + step]) for s in range(0, len(q), step)]
+    for a, b in zip(whole, (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))):
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_frame_checked_again_is_not_scored_again(digits):
+    import weakref
+
+    x, _ = digits
+    px = normalise_all(x[:20])
+    frames = [images.Frame.of_pixels(p) for p in normalise_all(perturb(x[:3], "shift", seed=2))]  # clean queries
+    keys = np.tile(np.arange(20), (3, 1))
+    dist = np.tile(np.linspace(0.01, 0.02, 20), (3, 1))
+    asked = []
+
+    def pixels_of(ids):
+        asked.append(list(ids))
+        return px[ids]
+
+    memo = weakref.WeakKeyDictionary()
+    first = verify.check(frames, keys, dist, pixels_of, memo=memo)
+    assert verify.check(frames, keys, dist, pixels_of, memo=memo) == first and len(asked) == 1
+    wider = verify.check(frames, keys, dist, pixels_of, width=20, memo=memo)  # only the new candidates are scored
+    assert len(asked) == 2 and asked[1] == list(range(verify.CANDIDATES, 20))
+    assert [row[: len(f)] for row, f in zip(wider, first)] == first
+    assert first == verify.check(frames, keys, dist, lambda ids: px[ids])  # the same scores without a memo
+    del frames
+    import gc
+
+    gc.collect()
+    assert len(memo) == 0  # forgotten with the query
+
+
+def test_a_noisy_query_looks_further_down_its_code_neighbours():
+    keys = np.arange(40)[None].repeat(2, axis=0)
+    dist = np.linspace(0.05, 0.25, 40)[None].repeat(2, axis=0)  # the 40th is 5x as far as the 1st
+    clean, noisy = verify.checked(keys, dist, noisy=[False, True])
+    assert clean == list(range(verify.CANDIDATES))
+    limit = verify.NOISY_GATE * 0.05
+    assert noisy == [j for j in range(verify.NOISY_CANDIDATES) if dist[1, j] <= limit + 1e-9] and len(noisy) > len(clean)
+    frames = [images.Frame.of_pixels(np.zeros((28, 28), np.uint8)), images.Frame(np.zeros((28, 28), np.float32), 0.3, 0.0, 1.0)]
+    assert verify.search_width(frames[:1]) == verify.CANDIDATES and verify.search_width(frames) == verify.NOISY_CANDIDATES
