@@ -490,8 +490,8 @@ class Index:
             return out
 
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
-        """Top-k by code distance, except that stored near-duplicates of the query (among its
-        nearest :data:`verify.CANDIDATES`) come first: the most similar image is a copy."""
+        """Top-k by code distance, except that stored near-duplicates of the query (among the
+        candidates :func:`verify.checked` picks) come first: the most similar image is a copy."""
         keys, dist = vectors.search(enc(pixels), verify.search_width(frames, max(k, verify.CANDIDATES)))
         out = []
         for i, dups in enumerate(self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)):
