@@ -239,7 +239,8 @@ def events(
     as_json: JsonOpt = False,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
-    """The store's event log: drift alarms, versions created, activated, rolled back, rejected, retired."""
+    """The store's event log: drift alarms, versions created, activated, rolled back, rejected,
+    retired, duplicate threshold calibrated on the store."""
     with _Errors():
         with _catalog(store) as cat:
             rows = [{k: e[k] for k in ("time", "kind", "version", "image_id", "path")} | e["detail"]
@@ -403,11 +404,31 @@ def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> No
         typer.echo(f"{len(groups)} groups of duplicates")
 
 
+@app.command()
+def calibrate(store: StoreOpt = Path(DEFAULT_STORE), seed: Annotated[int, typer.Option("--seed", help="Seed of the sample and the copies.")] = 0,
+              as_json: JsonOpt = False) -> None:
+    """Recalibrate the duplicate threshold of the active version on this store's own images (for
+    images unlike the digits the shipped encoder was calibrated on). It only ever tightens the
+    version's threshold, by at most half; `search --mode duplicate` and `dedup` use it."""
+    with _Errors():
+        with _open(store, create=False) as index:
+            result = index.calibrate_duplicates(seed=seed)
+        if as_json:
+            _print_json(result)
+            return
+        typer.echo(f"version {result['version']}: duplicate threshold {result['threshold']:.4f} "
+                   f"(measured on {result['images']} stored images {result['measured']:.4f}; "
+                   f"the version's own {result['version_threshold']:.4f}); at the measured threshold "
+                   f"{result['copy_recall']:.1%} of copies pass, {result['distinct_within']:.1%} of distinct images")
+
+
 @app.command("eval")
 def eval_(
     data: Annotated[Path, typer.Argument(help="An .npz with `images` (uint8 [N, H, W]) and `labels` ([N]).")],
     queries: Annotated[int, typer.Option("--queries", min=1, help="How many query images (and at most how many unseen ones).")] = 1000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the perturbations.")] = 0,
+    calibrate_store: Annotated[bool, typer.Option("--calibrate-store", help="Calibrate the duplicate threshold on the "
+                                                  "stored images first, as `streamsim calibrate` does.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure search quality on labelled images in a temporary store: streamsim against raw and
@@ -416,7 +437,7 @@ def eval_(
         from streamsim import evaluate
 
         x, y = evaluate.load_data(data)
-        report = evaluate.evaluate(x, y, queries=queries, seed=seed)
+        report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store)
         if as_json:
             _print_json(report)
         else:

@@ -187,10 +187,13 @@ def _scores(ranked: np.ndarray, labels: np.ndarray, qlabels: np.ndarray, relevan
 
 
 def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000, seed: int = 0,
-             checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+             checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None,
+             calibrate_store: bool = False) -> dict[str, Any]:
     """Measure streamsim and the baselines on labelled images; returns the report (see module doc).
 
     ``checkpoint`` is an encoder folder to evaluate (default: the shipped encoder).
+    ``calibrate_store``: calibrate the duplicate threshold on the temporary store's own images
+    first (:meth:`Index.calibrate_duplicates`), as ``streamsim calibrate`` would.
     """
     from .index import Index
 
@@ -246,10 +249,12 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
             pos = np.full(int(ids.max()) + 1, -1, np.int64)
             pos[ids] = np.arange(len(ids))
             say("built the store")
+            store_calibration = index.calibrate_duplicates(seed=seed) if calibrate_store else None
             methods["streamsim"] = _measure_index(index, pos, conditions, (nd_px, nd_fr), lab_s, q_lab, q_own, relevant,
                                                   unseen, seed=seed)
             version = index.active_version
             meta = index.meta(version)
+            threshold = index.duplicate_rule(version)
     say("streamsim done")
     order = ["streamsim", *[m for m in methods if m != "streamsim"]]
     return {
@@ -257,7 +262,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
                  "unseen": len(split.unseen), "classes": len(np.unique(y)),
                  "image_shape": [int(s) for s in x.shape[1:]], "seed": int(seed)},
         "encoder": {"version": int(version), "arch": meta.get("arch"),
-                    "duplicate_threshold": meta.get("duplicate_threshold")},
+                    "duplicate_threshold": threshold, "store_calibration": store_calibration},
         "conditions": list(CONDITIONS),
         "methods": {m: methods[m] for m in order},
         "seconds": round(time.perf_counter() - t0, 2),

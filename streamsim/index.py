@@ -49,6 +49,10 @@ REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and
 RECALL_EXPAND = 5  # recall mode also searches with the query's code plus its nearest neighbours' codes
 
 
+MIN_STORE_CALIBRATION = 100  # stored images, at least, to calibrate the duplicate rule on a store
+STORE_CALIBRATION_FLOOR = 0.5  # a store's own calibration may lower the version's threshold to this share, not below
+
+
 class StoreError(ValueError):
     """The store cannot be opened or used as asked."""
 
@@ -519,10 +523,62 @@ class Index:
         copies and distinct images when the version was made (:mod:`streamsim.calibrate`).
         Versions calibrated otherwise (by an older release: another ``method``, another scale)
         use :data:`streamsim.verify.DEFAULT_THRESHOLD`."""
-        meta = self.meta(self.active_version if version is None else int(version))
+        version = self.active_version if version is None else int(version)
+        own = self._store_calibration(version)
+        if own is not None:
+            return float(own["threshold"])
+        meta = self.meta(version)
         if meta.get("duplicate_calibration", {}).get("method") != verify.METHOD:
             return verify.DEFAULT_THRESHOLD
         return float(meta["duplicate_threshold"])
+
+    def _store_calibration(self, version: int) -> dict[str, Any] | None:
+        row = self.catalog.version(version)
+        own = (row or {}).get("meta", {}).get("store_calibration")
+        return own if own and own.get("method") == verify.METHOD else None
+
+    def calibrate_duplicates(self, *, seed: int = 0) -> dict[str, Any]:
+        """Recalibrate the active version's duplicate threshold on this store's own images, for
+        a store whose images are unlike the version's calibration sample (other scripts, other
+        scanners, printed type): near-duplicates of up to 1,000 stored images against the store's
+        other images (:func:`streamsim.calibrate.calibrate`, a pool of up to 4,000).
+
+        The result only ever *tightens* the version's rule, and by at most half
+        (:data:`STORE_CALIBRATION_FLOOR`): a store that holds real near-duplicates of its own
+        images makes them look like "distinct images that are very alike", which would otherwise
+        drive the threshold towards zero. Recorded with the version in the catalog (every process
+        sees it; :meth:`duplicate_rule` uses it); a new version is calibrated afresh. Returns what
+        was recorded: ``threshold`` (in use), ``measured`` (on the store), ``version_threshold``,
+        ``images``, ``copy_recall`` / ``distinct_within`` (at the measured threshold), ``version``.
+        """
+        from .calibrate import calibrate
+
+        version = self.active_version
+        ids = self.catalog.ids()
+        if len(ids) < MIN_STORE_CALIBRATION:
+            raise StoreError(f"calibrating on the store needs at least {MIN_STORE_CALIBRATION} stored images; "
+                             f"it holds {len(ids)}")
+        rng = np.random.default_rng(seed)
+        from .calibrate import POOL
+
+        pick = np.sort(rng.choice(ids, min(POOL, len(ids)), replace=False))
+        cal = calibrate(self.encoder(version), self.catalog.pixels(pick.tolist()), seed=seed)
+        meta = self.meta(version)
+        base = (float(meta["duplicate_threshold"]) if meta.get("duplicate_calibration", {}).get("method") == verify.METHOD
+                else verify.DEFAULT_THRESHOLD)
+        measured = float(cal["duplicate_threshold"])
+        dc = cal["duplicate_calibration"]
+        record = {
+            "method": verify.METHOD, "version": version,
+            "threshold": float(np.clip(measured, STORE_CALIBRATION_FLOOR * base, base)),
+            "measured": measured, "version_threshold": base, "images": int(len(ids)),
+            "sample": dc["sample"], "pool": dc["pool"], "seed": seed,
+            "copy_recall": dc["copy_recall"], "distinct_within": dc["distinct_within"],
+            "noisy_distinct_within": dc["noisy_distinct_within"], "created": time.time(),
+        }
+        self.catalog.update_version_meta(version, store_calibration=record, duplicate_threshold=record["threshold"])
+        self.catalog.add_event("calibrated", version=version, detail={k: record[k] for k in ("threshold", "measured", "images")})
+        return record
 
     def dedup(self, *, k: int = 16) -> list[dict[str, Any]]:
         """Groups of duplicates across the store, smallest id first: images stored under several

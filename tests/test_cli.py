@@ -110,3 +110,20 @@ def test_a_damaged_catalog_is_a_one_line_error(tmp_path):
     res = run("status", "--json", store=store)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_calibrate_the_duplicate_threshold_on_the_store(tmp_path, digits, digit_files):
+    from conftest import write_pngs
+
+    store = tmp_path / "store"
+    run("add", str(digit_files[0].parent), store=store)
+    res = run("calibrate", store=store)  # 40 images: too few, one clear line
+    assert res.exit_code != 0 and "at least 100" in res.output and len(res.output.strip().splitlines()) == 1
+    run("add", str(write_pngs(tmp_path / "more", digits[0][40:140])[0].parent), store=store)
+    res = run("calibrate", "--json", store=store)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert {"threshold", "measured", "version_threshold", "images", "copy_recall", "distinct_within", "version"} <= set(out)
+    assert out["images"] == 140 and out["threshold"] <= out["version_threshold"]
+    versions = json.loads(run("versions", "--json", store=store).stdout)
+    assert versions[0]["duplicate_threshold"] == out["threshold"]

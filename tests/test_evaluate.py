@@ -26,6 +26,7 @@ def test_eval_json_keys(tiny):
     rep = json.loads(res.stdout)
     assert set(rep) == {"data", "encoder", "conditions", "methods", "seconds"}
     assert rep["data"]["images"] == 80 and rep["data"]["queries"] == 20 and rep["data"]["seed"] == 3
+    assert rep["encoder"]["store_calibration"] is None and rep["encoder"]["duplicate_threshold"] > 0
     assert rep["conditions"] == ["clean", "noise", "salt_pepper", "shift", "rotation", "elastic", "stroke"]
     assert {"streamsim", "raw_pixels", "centred_pixels"} <= set(rep["methods"])
     for m in rep["methods"].values():
@@ -39,6 +40,19 @@ def test_eval_json_keys(tiny):
     assert set(s["recall_mode"]) == {"recall_at_100", "recall_at_100_perturbed", "similar_recall_at_100",
                                      "similar_recall_at_100_perturbed"}
     assert s["retrieval"]["clean"]["p_at_10"] > rep["methods"]["raw_pixels"]["retrieval"]["shift"]["p_at_10"]
+
+
+def test_eval_with_the_threshold_calibrated_on_the_store(tmp_path, tiny, digits):
+    res = runner.invoke(app, ["eval", str(tiny), "--calibrate-store"])  # 72 stored: too few
+    assert res.exit_code != 0 and "at least 100" in res.output and len(res.output.strip().splitlines()) == 1
+    x, y = digits
+    path = tmp_path / "more.npz"
+    np.savez(path, images=x[:130], labels=y[:130])
+    res = runner.invoke(app, ["eval", str(path), "--json", "--queries", "20", "--calibrate-store"])
+    assert res.exit_code == 0, res.output
+    enc = json.loads(res.stdout)["encoder"]
+    cal = enc["store_calibration"]
+    assert cal["images"] == 117 and enc["duplicate_threshold"] == cal["threshold"] <= cal["version_threshold"]
 
 
 def test_eval_table(tiny):

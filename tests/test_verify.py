@@ -182,3 +182,39 @@ def test_a_noisy_query_looks_further_down_its_code_neighbours():
     assert noisy == [j for j in range(verify.NOISY_CANDIDATES) if dist[1, j] <= limit + 1e-9] and len(noisy) > len(clean)
     frames = [images.Frame.of_pixels(np.zeros((28, 28), np.uint8)), images.Frame(np.zeros((28, 28), np.float32), 0.3, 0.0, 1.0)]
     assert verify.search_width(frames[:1]) == verify.CANDIDATES and verify.search_width(frames) == verify.NOISY_CANDIDATES
+
+
+def test_a_store_tightens_its_duplicate_threshold_on_its_own_images(tmp_path, digits):
+    from streamsim.index import MIN_STORE_CALIBRATION, STORE_CALIBRATION_FLOOR, StoreError
+
+    x, _ = digits
+    with Index.open(tmp_path / "few") as index:
+        index.add_many(x[: MIN_STORE_CALIBRATION - 1])
+        with pytest.raises(StoreError, match="at least"):
+            index.calibrate_duplicates()
+    # distinct digits: the version's own rule already fits them (never loosened)
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(x[:150])
+        base = index.duplicate_rule()
+        got = index.calibrate_duplicates()
+        assert got["version_threshold"] == base and got["images"] == 150 and got["version"] == 1
+        assert STORE_CALIBRATION_FLOOR * base <= got["threshold"] <= base
+        assert got["threshold"] == min(max(got["measured"], STORE_CALIBRATION_FLOOR * base), base)
+        assert index.duplicate_rule() == got["threshold"]
+    with Index.open(tmp_path / "s") as again:  # recorded in the catalog: another process sees it
+        assert again.duplicate_rule() == got["threshold"]
+        assert again.versions()[0]["duplicate_threshold"] == got["threshold"]
+        assert [e["kind"] for e in again.catalog.events()].count("calibrated") == 1
+    # a store full of its own near-duplicates (each digit and a copy turned by 2°): what it
+    # measures collapses, and the floor holds
+    from scipy.ndimage import rotate
+
+    turned = np.stack([rotate(a, 2.0, reshape=False, order=1) for a in x[:60]])
+    with Index.open(tmp_path / "copies") as index:
+        ids = index.add_many(np.concatenate([x[:60], turned]))
+        got = index.calibrate_duplicates()
+        assert got["measured"] < STORE_CALIBRATION_FLOOR * got["version_threshold"]
+        assert got["threshold"] == STORE_CALIBRATION_FLOOR * got["version_threshold"]
+        px, frames = normalise_all(noisy(x[:20], 0.15, 4), frames=True)  # copies under paper noise
+        hits = index.search_pixels(px, 3, mode="duplicate", frames=frames)
+        assert np.mean([ids[i] in [h.id for h in row] for i, row in enumerate(hits)]) >= 0.8  # still found
