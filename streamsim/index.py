@@ -522,11 +522,13 @@ class Index:
         leave an excess (:func:`streamsim.verify.scores`) of at most this — calibrated on perturbed
         copies and distinct images when the version was made (:mod:`streamsim.calibrate`).
         Versions calibrated otherwise (by an older release: another ``method``, another scale)
-        use :data:`streamsim.verify.DEFAULT_THRESHOLD`."""
+        use :data:`streamsim.verify.DEFAULT_THRESHOLD`. A threshold calibrated on this store's
+        own images (:meth:`calibrate_duplicates`) takes precedence."""
         version = self.active_version if version is None else int(version)
         own = self._store_calibration(version)
-        if own is not None:
-            return float(own["threshold"])
+        return float(own["threshold"]) if own is not None else self._version_threshold(version)
+
+    def _version_threshold(self, version: int) -> float:
         meta = self.meta(version)
         if meta.get("duplicate_calibration", {}).get("method") != verify.METHOD:
             return verify.DEFAULT_THRESHOLD
@@ -551,21 +553,16 @@ class Index:
         was recorded: ``threshold`` (in use), ``measured`` (on the store), ``version_threshold``,
         ``images``, ``copy_recall`` / ``distinct_within`` (at the measured threshold), ``version``.
         """
-        from .calibrate import calibrate
+        from .calibrate import POOL, calibrate
 
         version = self.active_version
         ids = self.catalog.ids()
         if len(ids) < MIN_STORE_CALIBRATION:
             raise StoreError(f"calibrating on the store needs at least {MIN_STORE_CALIBRATION} stored images; "
                              f"it holds {len(ids)}")
-        rng = np.random.default_rng(seed)
-        from .calibrate import POOL
-
-        pick = np.sort(rng.choice(ids, min(POOL, len(ids)), replace=False))
+        pick = np.sort(np.random.default_rng(seed).choice(ids, min(POOL, len(ids)), replace=False))
         cal = calibrate(self.encoder(version), self.catalog.pixels(pick.tolist()), seed=seed)
-        meta = self.meta(version)
-        base = (float(meta["duplicate_threshold"]) if meta.get("duplicate_calibration", {}).get("method") == verify.METHOD
-                else verify.DEFAULT_THRESHOLD)
+        base = self._version_threshold(version)
         measured = float(cal["duplicate_threshold"])
         dc = cal["duplicate_calibration"]
         record = {
