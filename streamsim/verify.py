@@ -266,7 +266,7 @@ def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, wi
     stored image's pixels never change."""
     cols = checked(keys, dist, width, [f.sigma > 0 for f in frames])
     known = [memo.setdefault(f, {}) if memo is not None else {} for f in frames]
-    keyed = [[int(k) for k in row] for row in keys.tolist()]
+    keyed = np.asarray(keys).tolist()  # Python ints
     pairs = [(i, j) for i, row in enumerate(cols) for j in row if keyed[i][j] not in known[i]]
     if pairs:
         wanted = sorted({keyed[i][j] for i, j in pairs})
