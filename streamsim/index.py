@@ -36,6 +36,7 @@ from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
 SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × the duplicate threshold
+SIMILAR_EXPAND = (3,)  # similar search ranks by the query's code plus its nearest neighbours' codes
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
@@ -46,7 +47,7 @@ MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
 REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
-RECALL_EXPAND = 5  # recall mode also searches with the query's code plus its nearest neighbours' codes
+RECALL_EXPAND = (3, 10, 20)  # recall mode also searches with the query expanded in rounds by its neighbours
 
 
 MIN_STORE_CALIBRATION = 100  # stored images, at least, to calibrate the duplicate rule on a store
@@ -408,13 +409,16 @@ class Index:
     def search(self, image: Any, k: int = 10, *, mode: str = "similar") -> list[Match]:
         """The ``k`` stored images closest to ``image``, best first.
 
-        ``mode``: ``"similar"`` (top-k by distance: search by image, favouring precision; stored
-        near-duplicates of the query come first), ``"duplicate"`` (identical pixels, then
+        ``mode``: ``"similar"`` (search by image, favouring precision: stored near-duplicates of
+        the query first, then the nearest codes to the query's code expanded by its three nearest
+        stored neighbours), ``"duplicate"`` (identical pixels, then
         near-duplicates only, by the version's calibrated check, :meth:`duplicate_rule`; may be
         empty) or ``"recall"`` (the query, corrected variants of it and the query expanded by its
         nearest neighbours, each searched with a wider pool, lists fused: every plausible match,
         at some cost in precision). ``Match.distance`` is always the cosine distance between codes
-        (in ``recall`` mode, the smallest any variant gives). See ``docs/search-modes.md``.
+        (the query's own and the match's; in ``recall`` mode, the smallest any variant gives), so a
+        ``similar`` list, ordered by the expanded code, need not have increasing distances. See
+        ``docs/search-modes.md``.
         """
         return self.search_many([image], k, mode=mode)[0]
 
@@ -494,14 +498,21 @@ class Index:
             return out
 
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
-        """Top-k by code distance, except that stored near-duplicates of the query (among the
-        candidates :func:`verify.checked` picks) come first: the most similar image is a copy."""
-        keys, dist = vectors.search(enc(pixels), verify.search_width(frames, max(k, verify.CANDIDATES)))
+        """Stored near-duplicates of the query first (among the candidates :func:`verify.checked`
+        picks: the most similar image is a copy), then the rest ranked by the query's code expanded
+        by its :data:`SIMILAR_EXPAND` nearest stored neighbours (average query expansion: the
+        neighbourhood pulls a deformed or noisy query back towards its class). Distances are
+        between the query's own code and the match's."""
+        codes = enc(pixels)
+        keys, dist = vectors.search(codes, verify.search_width(frames, max(k, verify.CANDIDATES)))
+        firsts = self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)
+        ranked, _ = vectors.search(_expanded(codes, vectors, SIMILAR_EXPAND), k + max(map(len, firsts), default=0))
         out = []
-        for i, dups in enumerate(self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)):
+        for q, dups, row in zip(_unit(codes), firsts, ranked):
             first = {key for key, _ in dups}
-            rest = [(key, d) for key, d in zip(keys[i].tolist(), dist[i].tolist()) if key >= 0 and key not in first]
-            out.append((dups + rest)[:k])
+            rest = [key for key in row.tolist() if key >= 0 and key not in first]
+            d = 1.0 - _unit(vectors.get(rest)) @ q if rest else []
+            out.append((dups + [(key, max(float(x), 0.0)) for key, x in zip(rest, d)])[:k])
         return out
 
     def _duplicate_hits(self, pixels, frames, k, enc, vectors, version):
@@ -634,18 +645,15 @@ class Index:
 
     def _recall_hits(self, pixels, k, enc, vectors):
         """Every plausible match: the query, corrected variants of it (±1 px shifts, thicker and
-        thinner strokes) and the query expanded by its nearest stored neighbours (their mean code:
-        pseudo-relevance feedback) are each searched with a wider pool; a candidate's distance is
-        the smallest any of them gives it."""
+        thinner strokes) and the query expanded in rounds by its nearest stored neighbours
+        (:data:`RECALL_EXPAND`: pseudo-relevance feedback, reaching further into the query's class
+        than similar search's one round) are each searched with a wider pool; a candidate's
+        distance is the smallest any of them gives it."""
         variants = _query_variants(pixels)  # [V, N, 28, 28]
         n_var, n = variants.shape[0], len(pixels)
         codes = enc(variants.reshape(-1, 28, 28)).reshape(n_var, n, -1)
-        expand = min(RECALL_EXPAND, len(vectors))
-        if expand:
-            near, _ = vectors.search(codes[0], expand)
-            neigh = _unit(vectors.get(near.reshape(-1))).reshape(n, expand, -1)
-            expanded = _unit(codes[0]) + neigh.sum(axis=1)
-            codes = np.concatenate([codes, expanded[None]])
+        if len(vectors):
+            codes = np.concatenate([codes, _expanded(codes[0], vectors, RECALL_EXPAND)[None]])
         keys, dist = vectors.search(codes.reshape(-1, codes.shape[-1]), k * RECALL_POOL)
         keys = keys.reshape(len(codes), n, -1).transpose(1, 0, 2).reshape(n, -1)
         dist = dist.reshape(len(codes), n, -1).transpose(1, 0, 2).reshape(n, -1)
@@ -1105,6 +1113,23 @@ def build_meta(enc, arch: str, config: dict, pixels: np.ndarray, history: dict, 
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
+
+
+def _expanded(codes: np.ndarray, vectors, sizes: tuple[int, ...]) -> np.ndarray:
+    """Average query expansion, in rounds: each unit query code plus the unit codes of its
+    ``sizes[0]`` nearest stored neighbours; each later round adds, to the query's own code, the
+    ``sizes[i]`` nearest neighbours of the previous round's expanded code (fewer where the store
+    holds fewer)."""
+    q = _unit(np.asarray(codes, np.float32))
+    out = q
+    for n in sizes if len(vectors) else ():
+        near, _ = vectors.search(out, n)
+        ok = near >= 0
+        neigh = np.zeros((*near.shape, q.shape[-1]), np.float32)
+        if ok.any():
+            neigh[ok] = _unit(vectors.get(near[ok]))
+        out = _unit(q + neigh.sum(axis=1))
+    return out
 
 
 def _query_variants(pixels: np.ndarray) -> np.ndarray:

@@ -49,6 +49,33 @@ def test_duplicate_returns_nothing_for_distinct_images(store, digits):
     assert len(similar) == 5
 
 
+def test_similar_ranks_by_the_query_expanded_by_its_neighbours(store, digits):
+    """Unseen digits (no near-duplicate stored): similar's order is that of the stored codes'
+    cosine to the query's unit code plus its three nearest stored codes; the distances reported
+    are the query's own code's."""
+    index, ids = store
+    x, _ = digits
+    enc = index.encoder()
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    stored = unit(enc(np.stack([index.pixels(i) for i in ids])))
+    queries = x[150:170]
+    q = unit(enc(normalise_all(queries)))
+    plain = q @ stored.T
+    near = np.argsort(-plain, axis=1)[:, :3]
+    expanded = unit(q + stored[near].sum(axis=1)) @ stored.T
+    assert any((np.argsort(-expanded[i])[:10] != np.argsort(-plain[i])[:10]).any() for i in range(len(q)))
+    pos = {key: n for n, key in enumerate(ids)}
+    for i, row in enumerate(index.search_many(queries, k=10)):
+        got = np.asarray([pos[m.id] for m in row])
+        scores = expanded[i, got]
+        assert len(row) == 10 and (np.diff(scores) <= 1e-5).all()
+        assert scores[-1] >= np.sort(expanded[i])[-10] - 1e-5  # the ten best, ties aside
+        assert np.allclose([m.distance for m in row], 1 - plain[i, got], atol=1e-4)
+
+
 def test_recall_mode_covers_what_similar_finds(store, digits):
     index, _ = store
     x, _ = digits
