@@ -34,6 +34,19 @@ VARIANTS = {
                                                  "corruptions": {"elastic": 3.0, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
     "mlp-contrastive-views-deform-more": ("mlp", {}, {"contrastive": 1.0,
                                                       "corruptions": {"elastic": 4.0, "p_elastic": 0.8, "p_stroke": 0.5}}, 4),
+    # *deform* with a more local displacement field (drawn on a 7 × 7 or 10 × 10 grid instead of 4 × 4)
+    "mlp-contrastive-views-local": ("mlp", {}, {"contrastive": 1.0, "corruptions": {
+        "elastic": 1.5, "elastic_grid": 7, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
+    "mlp-contrastive-views-local-strong": ("mlp", {}, {"contrastive": 1.0, "corruptions": {
+        "elastic": 2.5, "elastic_grid": 7, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
+    "mlp-contrastive-views-local-fine": ("mlp", {}, {"contrastive": 1.0, "corruptions": {
+        "elastic": 1.5, "elastic_grid": 10, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
+    # *deform* with a softer NT-Xent (other images of the batch, many of them the same character,
+    # pushed away less hard)
+    "mlp-contrastive-views-deform-t0.2": ("mlp", {}, {"contrastive": 1.0, "temperature": 0.2, "corruptions": {
+        "elastic": 3.0, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
+    "mlp-contrastive-views-deform-t0.3": ("mlp", {}, {"contrastive": 1.0, "temperature": 0.3, "corruptions": {
+        "elastic": 3.0, "p_elastic": 0.6, "p_stroke": 0.5}}, 4),
 }
 
 
@@ -81,6 +94,7 @@ def main(argv=None) -> int:
         rows[name] = {
             "train_seconds": round(secs, 1), "encode_per_s": round(speed), "p_at_10": r["clean"]["p_at_10"], "map": r["clean"]["map"],
             "worst_perturbed_p_at_10": min(r[c]["p_at_10"] for c in evaluate.PERTURBATIONS),
+            "p_at_10_by_condition": {c: r[c]["p_at_10"] for c in r},
             "neardup_top1": s["neardup_top1"], **{f"duplicate_{k}": v for k, v in s["duplicate_mode"].items()},
             "centred_p_at_10": rep["methods"]["centred_pixels"]["retrieval"]["clean"]["p_at_10"],
         }

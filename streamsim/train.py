@@ -48,14 +48,15 @@ class Corruptions:
     p_affine: float = 0.7
     elastic: float = 1.5  # pixels of smooth displacement
     p_elastic: float = 0.3
+    elastic_grid: int = 4  # the displacement is drawn on this × this grid, then upsampled: larger is more local
     p_stroke: float = 0.3  # thicken or thin the strokes by one pixel
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = float(getattr(self, f.name))
-            if value < 0 or (f.name.startswith("p_") and value > 1):
+            if value < 0 or (f.name.startswith("p_") and value > 1) or (f.name == "elastic_grid" and not 2 <= value <= SIDE):
                 raise ValueError(f"corruption {f.name} = {value} is out of range")
-            object.__setattr__(self, f.name, value)
+            object.__setattr__(self, f.name, int(value) if f.name == "elastic_grid" else value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _sample_affine(key: jax.Array, img: jax.Array, c: Corruptions) -> jax.Array:
     src_r = (cos * r0 - sin * c0) / s + centre
     src_c = (sin * r0 + cos * c0) / s + centre
     # Elastic: a smooth random displacement field, upsampled from a coarse grid.
-    field = jax.random.normal(k4, (2, 4, 4)) * c.elastic
+    field = jax.random.normal(k4, (2, c.elastic_grid, c.elastic_grid)) * c.elastic
     field = jax.image.resize(field, (2, SIDE, SIDE), "cubic")
     return src_r, src_c, field
 

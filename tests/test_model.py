@@ -85,6 +85,22 @@ def test_corruptions_stay_in_range_and_differ_by_key(glyphs):
     assert np.abs(a - b).mean() > 0.01
 
 
+def test_elastic_grid_makes_the_displacement_local():
+    """A finer grid gives a displacement field whose values 7 px apart are less alike."""
+    import jax
+
+    def correlation(grid):
+        c = T.Corruptions(elastic=2.0, elastic_grid=grid)
+        img = np.zeros((28, 28), np.float32)
+        fields = np.stack([np.asarray(T._sample_affine(k, img, c)[2][0]) for k in jax.random.split(jax.random.key(0), 400)])
+        return np.corrcoef(fields[:, 10, 7], fields[:, 10, 14])[0, 1]
+
+    assert correlation(4) > 0.3 and correlation(10) < 0.15
+    for bad in (1, 29):
+        with pytest.raises(ValueError, match="elastic_grid"):
+            T.Corruptions(elastic_grid=bad)
+
+
 def test_unknown_architecture():
     with pytest.raises(ValueError, match="unknown architecture"):
         M.build("transformer")
