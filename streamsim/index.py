@@ -410,8 +410,8 @@ class Index:
         """The ``k`` stored images closest to ``image``, best first.
 
         ``mode``: ``"similar"`` (search by image, favouring precision: stored near-duplicates of
-        the query first, then the nearest codes to the query's code expanded by its three nearest
-        stored neighbours), ``"duplicate"`` (identical pixels, then
+        the query first, then the nearest stored image by code, then the nearest codes to the
+        query's code expanded by its three nearest stored neighbours), ``"duplicate"`` (identical pixels, then
         near-duplicates only, by the version's calibrated check, :meth:`duplicate_rule`; may be
         empty) or ``"recall"`` (the query, corrected variants of it and the query expanded by its
         nearest neighbours, each searched with a wider pool, lists fused: every plausible match,
@@ -499,18 +499,20 @@ class Index:
 
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
         """Stored near-duplicates of the query first (among the candidates :func:`verify.checked`
-        picks: the most similar image is a copy), then the rest ranked by the query's code expanded
-        by its :data:`SIMILAR_EXPAND` nearest stored neighbours (average query expansion: the
-        neighbourhood pulls a deformed or noisy query back towards its class). Distances are
-        between the query's own code and the match's."""
+        picks: the most similar image is a copy), then the nearest stored image by code, then the
+        rest ranked by the query's code expanded by its :data:`SIMILAR_EXPAND` nearest stored
+        neighbours (average query expansion: the neighbourhood pulls a deformed or noisy query
+        back towards its class). Distances are between the query's own code and the match's."""
         codes = enc(pixels)
         keys, dist = vectors.search(codes, verify.search_width(frames, max(k, verify.CANDIDATES)))
         firsts = self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)
-        ranked, _ = vectors.search(_expanded(codes, vectors, SIMILAR_EXPAND), k + max(map(len, firsts), default=0))
+        ranked, _ = vectors.search(_expanded(codes, vectors, SIMILAR_EXPAND), k + 1 + max(map(len, firsts), default=0))
         out = []
-        for q, dups, row in zip(_unit(codes), firsts, ranked):
-            first = {key for key, _ in dups}
-            rest = [key for key in row.tolist() if key >= 0 and key not in first]
+        for q, dups, nearest, row in zip(_unit(codes), firsts, keys[:, 0].tolist(), ranked):
+            first = [key for key, _ in dups]
+            if nearest >= 0 and nearest not in first:
+                first.append(nearest)
+            rest = first[len(dups):] + [key for key in row.tolist() if key >= 0 and key not in first]
             d = 1.0 - _unit(vectors.get(rest)) @ q if rest else []
             out.append((dups + [(key, max(float(x), 0.0)) for key, x in zip(rest, d)])[:k])
         return out
