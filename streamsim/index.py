@@ -506,15 +506,22 @@ class Index:
         codes = enc(pixels)
         keys, dist = vectors.search(codes, verify.search_width(frames, max(k, verify.CANDIDATES)))
         firsts = self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)
-        ranked, _ = vectors.search(_expanded(codes, vectors, SIMILAR_EXPAND), k + 1 + max(map(len, firsts), default=0))
-        out = []
-        for q, dups, nearest, row in zip(_unit(codes), firsts, keys[:, 0].tolist(), ranked):
+        expanded = _expanded(codes, vectors, SIMILAR_EXPAND, keys)
+        ranked, _ = vectors.search(expanded, k + 1 + max(map(len, firsts), default=0))
+        rests = []
+        for dups, nearest, row in zip(firsts, keys[:, 0].tolist(), ranked.tolist()):
             first = [key for key, _ in dups]
             if nearest >= 0 and nearest not in first:
                 first.append(nearest)
-            rest = first[len(dups):] + [key for key in row.tolist() if key >= 0 and key not in first]
-            d = 1.0 - _unit(vectors.get(rest)) @ q if rest else []
-            out.append((dups + [(key, max(float(x), 0.0)) for key, x in zip(rest, d)])[:k])
+            rests.append((first[len(dups):] + [key for key in row if key >= 0 and key not in first])[: max(0, k - len(dups))])
+        # every listed image's code at once: the distances are the query's own code's
+        listed = np.unique(np.fromiter((key for rest in rests for key in rest), np.int64))
+        at = {key: n for n, key in enumerate(listed.tolist())}
+        stored = _unit(vectors.get(listed)) if len(listed) else np.zeros((0, codes.shape[1]), np.float32)
+        out = []
+        for q, dups, rest in zip(_unit(codes), firsts, rests):
+            d = 1.0 - stored[[at[key] for key in rest]] @ q
+            out.append(dups[:k] + [(key, max(float(x), 0.0)) for key, x in zip(rest, d.tolist())])
         return out
 
     def _duplicate_hits(self, pixels, frames, k, enc, vectors, version):
@@ -1117,15 +1124,18 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
 
 
-def _expanded(codes: np.ndarray, vectors, sizes: tuple[int, ...]) -> np.ndarray:
+def _expanded(codes: np.ndarray, vectors, sizes: tuple[int, ...], nearest: np.ndarray | None = None) -> np.ndarray:
     """Average query expansion, in rounds: each unit query code plus the unit codes of its
     ``sizes[0]`` nearest stored neighbours; each later round adds, to the query's own code, the
     ``sizes[i]`` nearest neighbours of the previous round's expanded code (fewer where the store
-    holds fewer)."""
+    holds fewer). ``nearest``: the queries' nearest keys by code, best first, if already searched."""
     q = _unit(np.asarray(codes, np.float32))
     out = q
-    for n in sizes if len(vectors) else ():
-        near, _ = vectors.search(out, n)
+    for r, n in enumerate(sizes if len(vectors) else ()):
+        if r == 0 and nearest is not None and nearest.shape[1] >= n:
+            near = nearest[:, :n]
+        else:
+            near, _ = vectors.search(out, n)
         ok = near >= 0
         neigh = np.zeros((*near.shape, q.shape[-1]), np.float32)
         if ok.any():

@@ -79,6 +79,17 @@ def test_similar_ranks_by_the_query_expanded_by_its_neighbours(store, digits):
         assert np.allclose([m.distance for m in row], 1 - plain[i, got], atol=1e-4)
 
 
+def test_similar_returns_k_even_when_more_near_duplicates_are_stored(tmp_path, digits):
+    x, _ = digits
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(x[:20])
+        twins = [index.add(np.roll(x[3], shift, axis=1)) for shift in (1, -1, 2)]
+        for k in (1, 2, 5):
+            hits = index.search(x[3], k=k)
+            assert len(hits) == k
+        assert {h.id for h in index.search(x[3], k=4)} >= set(twins)
+
+
 def test_recall_mode_covers_what_similar_finds(store, digits):
     index, _ = store
     x, _ = digits
