@@ -207,22 +207,22 @@ def main(argv=None) -> int:
     from streamsim import evaluate
 
     _, _, held, held_labels = mnist_raw()
-    mnist = evaluate.evaluate(held, held_labels, queries=1000)
-    mnist_plain = without_expansion(lambda: evaluate.evaluate(held, held_labels, queries=1000))
+    mnist = evaluate.evaluate(held, held_labels, queries=1000, parallel=True)
+    mnist_plain = without_expansion(lambda: evaluate.evaluate(held, held_labels, queries=1000, parallel=True))
     small = np.random.default_rng(0).permutation(len(held))[:200]
-    mnist_small = evaluate.evaluate(held[small], held_labels[small], queries=1000)
+    mnist_small = evaluate.evaluate(held[small], held_labels[small], queries=1000, parallel=True)
     gx, gy = glyph_renders()
-    glyphs = evaluate.evaluate(gx, gy, queries=1000)
+    glyphs = evaluate.evaluate(gx, gy, queries=1000, parallel=True)
     glyph_dups = typeface_duplicates(gx, gy)
     rotated = rotated_duplicates(held)
     sx, sy = sklearn_digits()
-    uci = evaluate.evaluate(sx, sy, queries=1000)
+    uci = evaluate.evaluate(sx, sy, queries=1000, parallel=True)
     # stores of other kinds of images, their duplicate threshold calibrated on themselves
-    glyphs_cal = evaluate.evaluate(gx, gy, queries=1000, calibrate_store=True)
-    uci_cal = evaluate.evaluate(sx, sy, queries=1000, calibrate_store=True)
+    glyphs_cal = evaluate.evaluate(gx, gy, queries=1000, calibrate_store=True, parallel=True)
+    uci_cal = evaluate.evaluate(sx, sy, queries=1000, calibrate_store=True, parallel=True)
     x, y = mnist_data()
     t0 = time.perf_counter()
-    evaluate.evaluate(x.reshape(-1, 28, 28).astype("uint8"), y, queries=1000)
+    evaluate.evaluate(x.reshape(-1, 28, 28).astype("uint8"), y, queries=1000, parallel=True)
     seconds_5000 = time.perf_counter() - t0
     out = {
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip(),

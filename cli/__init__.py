@@ -437,7 +437,7 @@ def eval_(
         from streamsim import evaluate
 
         x, y = evaluate.load_data(data)
-        report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store)
+        report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store, parallel=True)
         if as_json:
             _print_json(report)
         else:

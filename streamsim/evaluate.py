@@ -43,6 +43,7 @@ from .perturb import PERTURBATIONS, normalise_all, perturb
 CONDITIONS = ("clean", *PERTURBATIONS)
 METRICS = ("p_at_10", "map", "recall_at_100")
 TOP = 100  # ranks scored by map and recall_at_100
+PARALLEL_MIN = 2000  # query images (all conditions) from which perturbing is shared out to worker processes
 BAD_DATA_MSG = "{path}: {reason}; expected an .npz with `images` (uint8 [N, H, W]) and `labels` ([N])"
 
 
@@ -172,6 +173,36 @@ class Split:
         return cls(stored, q, unseen)
 
 
+def _condition(raw: np.ndarray, kind: str | None, seed: int, fallback: np.ndarray | None):
+    """``(images, pixels, frames)``: ``raw`` under perturbation ``kind`` (as given when None),
+    normalised as any query is (``fallback``: the pixels of an image a perturbation erased)."""
+    r = raw if kind is None else perturb(raw, kind, seed=seed)
+    return (r, *normalise_all(r, fallback, frames=True))
+
+
+class _done:
+    """A finished call, shaped like a future (the one-process path of :func:`_workers`)."""
+
+    def __init__(self, fn, *args):
+        self.value = fn(*args)
+
+    def result(self):
+        return self.value
+
+
+def _workers(images: int):
+    """Worker processes for perturbing and normalising ``images`` query images, where that is
+    worth starting them (≥ :data:`PARALLEL_MIN` images and two cores); else a no-op context."""
+    import contextlib
+    import os
+
+    if images < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+        return contextlib.nullcontext()
+    from .index import decoder_pool
+
+    return decoder_pool()
+
+
 def _without_self(ranked: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     """Drop each row's own original from a ranking of positions, keep ``k`` columns (-1 pads)."""
     out = np.full((len(ranked), k), -1, np.int64)
@@ -188,12 +219,16 @@ def _scores(ranked: np.ndarray, labels: np.ndarray, qlabels: np.ndarray, relevan
 
 def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000, seed: int = 0,
              checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None,
-             calibrate_store: bool = False) -> dict[str, Any]:
+             calibrate_store: bool = False, parallel: bool = False) -> dict[str, Any]:
     """Measure streamsim and the baselines on labelled images; returns the report (see module doc).
 
     ``checkpoint`` is an encoder folder to evaluate (default: the shipped encoder).
     ``calibrate_store``: calibrate the duplicate threshold on the temporary store's own images
     first (:meth:`Index.calibrate_duplicates`), as ``streamsim calibrate`` would.
+    ``parallel``: perturb and normalise the queries of a large run (≥ :data:`PARALLEL_MIN` images)
+    in worker processes, as ``streamsim eval`` does — new processes import the caller's main
+    module, so a script that passes it needs the ``if __name__ == "__main__":`` guard. The report
+    is the same either way.
     """
     from .index import Index
 
@@ -206,21 +241,27 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     y = y.astype(np.int64)
     split = Split.make(len(x), queries=queries, seed=seed)
     raw_s, lab_s = x[split.stored], y[split.stored]
-    px_s = normalise_all(raw_s)
     q_raw, q_lab, q_own = raw_s[split.queries], lab_s[split.queries], split.queries
     relevant = np.bincount(lab_s, minlength=y.max() + 1)[q_lab] - 1
     say(f"{len(x)} images: {len(raw_s)} stored, {len(q_raw)} queries, {len(split.unseen)} unseen")
 
-    # each condition: (raw queries, their pixels, their frames: what the duplicate check sees)
-    conditions: dict[str, tuple[np.ndarray, np.ndarray, list]] = {"clean": (q_raw, *normalise_all(q_raw, frames=True))}
-    for n, kind in enumerate(PERTURBATIONS, 1):
-        r = perturb(q_raw, kind, seed=seed + n)
-        conditions[kind] = (r, *normalise_all(r, px_s[q_own], frames=True))
-    nd_raw = perturb(q_raw, "neardup", seed=seed + 99)
-    nd_px, nd_fr = normalise_all(nd_raw, px_s[q_own], frames=True)
+    # each condition: (raw queries, their pixels, their frames: what the duplicate check sees);
+    # normalising and perturbing are independent per image and per condition, so large runs
+    # share them out
     unseen_raw = x[split.unseen]
-    clean_unseen = normalise_all(unseen_raw, frames=True)
-    unseen = (clean_unseen, normalise_all(perturb(unseen_raw, "neardup", seed=seed + 98), clean_unseen[0], frames=True))
+    with _workers(len(raw_s) + len(q_raw) * (len(PERTURBATIONS) + 2) if parallel else 0) as pool:
+        run = pool.submit if pool is not None else _done
+        chunks = [run(normalise_all, raw_s[i : i + 1000]) for i in range(0, len(raw_s), 1000)]
+        px_s = np.concatenate([c.result() for c in chunks])
+        jobs = {kind: run(_condition, q_raw, kind, seed + n, px_s[q_own]) for n, kind in enumerate(PERTURBATIONS, 1)}
+        jobs["neardup"] = run(_condition, q_raw, "neardup", seed + 99, px_s[q_own])
+        clean = _condition(q_raw, None, 0, None)
+        clean_unseen = normalise_all(unseen_raw, frames=True)
+        noisy_unseen = _condition(unseen_raw, "neardup", seed + 98, clean_unseen[0])
+        conditions: dict[str, tuple[np.ndarray, np.ndarray, list]] = {"clean": clean}
+        conditions.update({kind: jobs[kind].result() for kind in PERTURBATIONS})
+        nd_raw, nd_px, nd_fr = jobs["neardup"].result()
+    unseen = (clean_unseen, noisy_unseen[1:])
     say("perturbed the queries")
 
     methods: dict[str, dict[str, Any]] = {}

@@ -680,12 +680,11 @@ class Index:
         return out
 
     def _matches(self, hits, version) -> list[list[Match]]:
-        ids = {int(key) for row in hits for key, _ in row if key >= 0}
-        paths = self.catalog.first_paths(ids)
-        return [
-            [Match(int(key), paths.get(int(key)), float(d), version) for key, d in row if key >= 0 and int(key) in paths]
-            for row in hits
-        ]
+        """``Match`` lists for ``(key, distance)`` rows; keys the catalog no longer has (removed
+        by another process) and -1 padding are dropped."""
+        hits = [[(int(key), float(d)) for key, d in row] for row in hits]
+        paths = self.catalog.first_paths({key for row in hits for key, _ in row if key >= 0})
+        return [[Match(key, paths[key], d, version) for key, d in row if key in paths] for row in hits]
 
     # -- versions -----------------------------------------------------------------------------
 

@@ -55,6 +55,16 @@ def test_eval_with_the_threshold_calibrated_on_the_store(tmp_path, tiny, digits)
     assert cal["images"] == 117 and enc["duplicate_threshold"] == cal["threshold"] <= cal["version_threshold"]
 
 
+def test_parallel_eval_reports_the_same(monkeypatch, digits):
+    """Worker processes (as `streamsim eval` uses for large runs) change the time, not the report."""
+    x, y = digits
+    monkeypatch.setattr(evaluate, "PARALLEL_MIN", 0)
+    serial = evaluate.evaluate(x[:60], y[:60], queries=15, seed=1)
+    shared = evaluate.evaluate(x[:60], y[:60], queries=15, seed=1, parallel=True)
+    serial.pop("seconds"), shared.pop("seconds")
+    assert json.dumps(serial, sort_keys=True) == json.dumps(shared, sort_keys=True)
+
+
 def test_eval_table(tiny):
     res = runner.invoke(app, ["eval", str(tiny), "--queries", "10"])
     assert res.exit_code == 0, res.output
