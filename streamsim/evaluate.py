@@ -196,9 +196,10 @@ def _workers(images: int):
     import contextlib
     import os
 
-    if images < PARALLEL_MIN or (os.cpu_count() or 1) < 2:
+    from .index import decoder_pool, workers_allowed
+
+    if images < PARALLEL_MIN or (os.cpu_count() or 1) < 2 or not workers_allowed():
         return contextlib.nullcontext()
-    from .index import decoder_pool
 
     return decoder_pool()
 
@@ -226,9 +227,8 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     ``calibrate_store``: calibrate the duplicate threshold on the temporary store's own images
     first (:meth:`Index.calibrate_duplicates`), as ``streamsim calibrate`` would.
     ``parallel``: perturb and normalise the queries of a large run (≥ :data:`PARALLEL_MIN` images)
-    in worker processes, as ``streamsim eval`` does — new processes import the caller's main
-    module, so a script that passes it needs the ``if __name__ == "__main__":`` guard. The report
-    is the same either way.
+    in worker processes, as ``streamsim eval`` does (where :func:`streamsim.index.workers_allowed`:
+    a script needs the ``if __name__ == "__main__":`` guard). The report is the same either way.
     """
     from .index import Index
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import sys
 import stat
 import threading
 import time
@@ -1049,8 +1050,26 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def workers_allowed() -> bool:
+    """Whether worker processes may be started here. They are spawned, and a spawned process
+    imports the main module of the program first: a script without an
+    ``if __name__ == "__main__":`` guard would run again in every worker (and the pool break).
+    So: yes for an interactive session or ``python -c``, and for a main module whose source has
+    such a guard (the ``streamsim`` command, pytest, a well-formed script); no otherwise — the
+    work then runs in this process."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None:
+        return True
+    try:
+        return "__main__" in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def decoder_pool():
-    """Worker processes for decoding images (decoding holds the GIL, so threads do not help)."""
+    """Worker processes for decoding images (decoding holds the GIL, so threads do not help);
+    start them only where :func:`workers_allowed`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -1066,7 +1085,7 @@ def _load_all(files: list[Path], pool=None):
         yield from zip(files, pool.map(_load_or_error, files, chunksize=max(1, len(files) // 16)))
         return
     workers = min(os.cpu_count() or 1, 8)
-    if len(files) < PARALLEL_LOAD_MIN or workers < 2:
+    if len(files) < PARALLEL_LOAD_MIN or workers < 2 or not workers_allowed():
         for f in files:
             yield f, _load_or_error(f)
         return

@@ -183,3 +183,28 @@ def test_version_numbers_are_taken_atomically(tmp_path):
     a.add_version(1, state="ready", parent=None, reason="shipped", meta={}, if_missing=True)  # no error
     a.close()
     b.close()
+
+
+def test_an_unguarded_script_adds_many_files_in_one_process(tmp_path, digits):
+    """A script without an ``if __name__ == "__main__":`` guard must not be re-run by worker
+    processes (spawned workers import the main module): its files are decoded here instead."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for i, img in enumerate(digits[0][:24]):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import streamsim.index as I\n"
+        "from streamsim import Index\n"
+        "print('TOP-LEVEL', flush=True)\n"
+        "I.PARALLEL_LOAD_MIN = 4\n"
+        f"with Index.open({str(tmp_path / 'store')!r}) as ix:\n"
+        f"    print('STORED', ix.add_files([{str(folder)!r}]).files, len(ix), flush=True)\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("TOP-LEVEL") == 1 and "STORED 24 24" in run.stdout
