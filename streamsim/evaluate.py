@@ -43,7 +43,7 @@ from .perturb import PERTURBATIONS, normalise_all, perturb
 CONDITIONS = ("clean", *PERTURBATIONS)
 METRICS = ("p_at_10", "map", "recall_at_100")
 TOP = 100  # ranks scored by map and recall_at_100
-PARALLEL_MIN = 2000  # query images (all conditions) from which perturbing is shared out to worker processes
+PARALLEL_MIN = 2000  # images to normalise (stored + every condition's queries) from which workers share them
 BAD_DATA_MSG = "{path}: {reason}; expected an .npz with `images` (uint8 [N, H, W]) and `labels` ([N])"
 
 
@@ -191,8 +191,8 @@ class _done:
 
 
 def _workers(images: int):
-    """Worker processes for perturbing and normalising ``images`` query images, where that is
-    worth starting them (≥ :data:`PARALLEL_MIN` images and two cores); else a no-op context."""
+    """Worker processes for normalising and perturbing ``images`` images, where that is worth
+    starting them (≥ :data:`PARALLEL_MIN` images, two cores) and allowed; else a no-op context."""
     import contextlib
     import os
 
@@ -200,7 +200,6 @@ def _workers(images: int):
 
     if images < PARALLEL_MIN or (os.cpu_count() or 1) < 2 or not workers_allowed():
         return contextlib.nullcontext()
-
     return decoder_pool()
 
 

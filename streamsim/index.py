@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import stat
+import sys
 import threading
 import time
 import weakref
