@@ -192,13 +192,13 @@ class _done:
 
 def _workers(images: int):
     """Worker processes for normalising and perturbing ``images`` images, where that is worth
-    starting them (≥ :data:`PARALLEL_MIN` images, two cores) and allowed; else a no-op context."""
+    starting them (≥ :data:`PARALLEL_MIN` images) and :func:`~streamsim.index.workers_allowed`;
+    else a no-op context."""
     import contextlib
-    import os
 
     from .index import decoder_pool, workers_allowed
 
-    if images < PARALLEL_MIN or (os.cpu_count() or 1) < 2 or not workers_allowed():
+    if images < PARALLEL_MIN or not workers_allowed():
         return contextlib.nullcontext()
     return decoder_pool()
 

@@ -1051,12 +1051,14 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def workers_allowed() -> bool:
-    """Whether worker processes may be started here. They are spawned, and a spawned process
-    imports the main module of the program first: a script without an
-    ``if __name__ == "__main__":`` guard would run again in every worker (and the pool break).
-    So: yes for an interactive session or ``python -c``, and for a main module whose source has
-    such a guard (the ``streamsim`` command, pytest, a well-formed script); no otherwise — the
-    work then runs in this process."""
+    """Whether worker processes may be, and are worth being, started here: not on one core; and
+    they are spawned, and a spawned process imports the main module of the program first, so a
+    script without an ``if __name__ == "__main__":`` guard would run again in every worker (and
+    the pool break). So: yes for an interactive session or ``python -c``, and for a main module
+    whose source has such a guard (the ``streamsim`` command, pytest, a well-formed script); no
+    otherwise — the work then runs in this process."""
+    if (os.cpu_count() or 1) < 2:
+        return False
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
     if path is None:
@@ -1084,8 +1086,7 @@ def _load_all(files: list[Path], pool=None):
     if pool is not None and len(files) >= 16:
         yield from zip(files, pool.map(_load_or_error, files, chunksize=max(1, len(files) // 16)))
         return
-    workers = min(os.cpu_count() or 1, 8)
-    if len(files) < PARALLEL_LOAD_MIN or workers < 2 or not workers_allowed():
+    if len(files) < PARALLEL_LOAD_MIN or not workers_allowed():
         for f in files:
             yield f, _load_or_error(f)
         return

@@ -293,7 +293,7 @@ class Watcher:
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
         stats = {f[0]: (f[1], f[2]) for f in files}
         stored: list[tuple[int, str]] = []
-        if self._pool is None and len(files) >= POOL_MIN_BATCH and (os.cpu_count() or 1) > 1 and workers_allowed():
+        if self._pool is None and len(files) >= POOL_MIN_BATCH and workers_allowed():
             self._pool = decoder_pool()  # a bulk drop: decode in worker processes from now on
         for outcome in self.index.ingest_files(files, pool=self._pool):
             if outcome.outcome == "busy":
@@ -427,7 +427,7 @@ class Watcher:
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; then finish the batch in hand, save and return."""
         self._start_events()
-        if (os.cpu_count() or 1) > 1 and workers_allowed():
+        if workers_allowed():
             self._pool = decoder_pool()
             self._pool.submit(int)  # start the workers now, so the first bulk drop does not wait for them
         try:
