@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
@@ -572,9 +573,42 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
 def _near_ink(ink: np.ndarray) -> np.ndarray:
     """Where ink lies, bool [28, 28]: the ink (0..1) smoothed by σ 1 px, above 0.1 (a lone
     stray pixel stays below)."""
-    from scipy.ndimage import gaussian_filter
+    return _NEAR_INK_BLUR @ np.asarray(ink, np.float32) @ _NEAR_INK_BLUR.T > 0.1
 
-    return gaussian_filter(np.asarray(ink, np.float32), 1.0, mode="constant") > 0.1
+
+def _gaussian(sigma: float) -> np.ndarray:
+    """A normalised Gaussian kernel of σ ``sigma``, radius ``int(4σ + 0.5)`` (SciPy's ``gaussian_filter``'s)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    w = np.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
+def _resampling(pos: np.ndarray, n: int, sigma: float = 0.0, *, edge: str = "nearest") -> np.ndarray:
+    """Weights ``float32 [len(pos), n]``: row i is the linear interpolation, at position
+    ``pos[i]``, of a signal of length ``n`` first smoothed by a Gaussian of σ ``sigma`` (none at
+    0). Outside the signal the smoothing repeats the edge value (``edge="nearest"``) or reads 0
+    (``"constant"``); a tap of the interpolation outside ``0 … n − 1`` weighs 0. Applied to both
+    axes (``R @ image @ C.T``) it is SciPy's ``gaussian_filter`` then ``map_coordinates(order=1)``
+    on a regular grid, in two small matrix products."""
+    pos = np.asarray(pos, np.float64)
+    left = np.floor(pos).astype(np.int64)
+    frac = pos - left
+    taps = np.stack([left, left + 1], axis=1)  # [m, 2]
+    weight = np.stack([1.0 - frac, frac], axis=1) * ((taps >= 0) & (taps < n))
+    kernel = _gaussian(sigma) if sigma > 0 else np.ones(1)
+    r = len(kernel) // 2
+    src = taps[:, :, None] + np.arange(-r, r + 1)  # [m, 2, taps of the kernel]
+    weight = weight[:, :, None] * kernel
+    if edge != "nearest":
+        weight = np.where((src >= 0) & (src < n), weight, 0.0)
+    src = np.clip(src, 0, n - 1)
+    out = np.zeros((len(pos), n), np.float64)
+    np.add.at(out, (np.broadcast_to(np.arange(len(pos))[:, None, None], src.shape), src), weight)
+    return out.astype(np.float32)
+
+
+_NEAR_INK_BLUR = _resampling(np.arange(_SIDE, dtype=np.float64), _SIDE, 1.0, edge="constant")
 
 
 def _linear_frame(grey: np.ndarray, background: float, gain: float, origin: tuple[int, int],
@@ -586,8 +620,6 @@ def _linear_frame(grey: np.ndarray, background: float, gain: float, origin: tupl
     what lies around the ink's box. Where it falls outside the image it is 0 (the second array
     says where it falls inside). Downscaling is anti-aliased (a Gaussian of the scale's width
     first), so the noise is averaged as in the pixels. Only the window the canvas covers is read."""
-    from scipy.ndimage import gaussian_filter, map_coordinates
-
     sy, sx = box_shape[0] / crop_shape[0], box_shape[1] / crop_shape[1]
     blur = (max(0.0, 0.5 / sy - 0.5), max(0.0, 0.5 / sx - 0.5)) if min(sy, sx) < 1 else (0.0, 0.0)
     rr = (np.arange(_SIDE, dtype=np.float32) - offset[0] + 0.5) / sy - 0.5 + origin[0]
@@ -598,11 +630,10 @@ def _linear_frame(grey: np.ndarray, background: float, gain: float, origin: tupl
     c0 = min(max(0, int(np.floor(cc[0])) - int(4 * blur[1]) - 2), w - 1)
     c1 = max(min(w, int(np.ceil(cc[-1])) + int(4 * blur[1]) + 3), c0 + 1)
     window = (grey[r0:r1, c0:c1] - np.float32(background)) * np.float32(gain)
-    if blur != (0.0, 0.0):
-        window = gaussian_filter(window, blur, mode="nearest")
-    r, c = np.meshgrid(rr, cc, indexing="ij")
-    inside = (r >= 0) & (r <= h - 1) & (c >= 0) & (c <= w - 1)
-    ink = map_coordinates(window, [r - r0, c - c0], order=1, mode="constant", cval=0.0).astype(np.float32)
+    rows = _resampling(rr - r0, r1 - r0, blur[0])
+    cols = _resampling(cc - c0, c1 - c0, blur[1])
+    inside = ((rr >= 0) & (rr <= h - 1))[:, None] & ((cc >= 0) & (cc <= w - 1))[None, :]
+    ink = (rows @ window @ cols.T).astype(np.float32)
     return np.where(inside, ink, np.float32(0)), inside
 
 
@@ -612,15 +643,14 @@ def _frame_noise(values: np.ndarray, lo: float, hi: float) -> tuple[float, float
     observed one (robust to a few stray pixels), and the rate of stray pixels of each kind (set to
     ``lo`` or ``hi``): the share beyond half the ink's contrast that the Gaussian does not explain,
     the same rate assumed for the kind that cannot show against this background."""
-    from scipy.special import ndtr, ndtri
-
+    normal = NormalDist()
     t = float(np.quantile(np.abs(values), 0.9))
     tails = int(hi > t) + int(-lo > t)  # P(|clip(n)| > t) = tails × P(n > t): solve it for 0.1
-    sigma = t / float(ndtri(1.0 - 0.1 / tails)) if t > 0 and tails else 0.0
+    sigma = t / normal.inv_cdf(1.0 - 0.1 / tails) if t > 0 and tails else 0.0
     far = float(np.mean(np.abs(values) > 0.5))
     gauss = 0.0
     if sigma > 0:
-        gauss = (1.0 - ndtr(0.5 / sigma) if hi > 0.5 else 0.0) + (ndtr(-0.5 / sigma) if -lo > 0.5 else 0.0)
+        gauss = (1.0 - normal.cdf(0.5 / sigma) if hi > 0.5 else 0.0) + (normal.cdf(-0.5 / sigma) if -lo > 0.5 else 0.0)
     return sigma, max(0.0, far - gauss)
 
 

@@ -38,6 +38,7 @@ from .catalog import CATALOG_FILE, Catalog
 MODES = ("similar", "duplicate", "recall")
 SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × the duplicate threshold
 SIMILAR_EXPAND = (3,)  # similar search ranks by the query's code plus its nearest neighbours' codes
+SIMILAR_POOL = 64  # ... among at least this many of the query's nearest stored images (see similar_pool)
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
@@ -501,28 +502,28 @@ class Index:
     def _similar_hits(self, pixels, frames, k, enc, vectors, version):
         """Stored near-duplicates of the query first (among the candidates :func:`verify.checked`
         picks: the most similar image is a copy), then the nearest stored image by code, then the
-        rest ranked by the query's code expanded by its :data:`SIMILAR_EXPAND` nearest stored
-        neighbours (average query expansion: the neighbourhood pulls a deformed or noisy query
-        back towards its class). Distances are between the query's own code and the match's."""
+        rest of the query's nearest :func:`similar_pool` stored images ranked by the query's code
+        expanded by its :data:`SIMILAR_EXPAND` nearest (average query expansion: the
+        neighbourhood pulls a deformed or noisy query back towards its class). One code search;
+        distances are between the query's own code and the match's."""
         codes = enc(pixels)
-        keys, dist = vectors.search(codes, verify.search_width(frames, max(k, verify.CANDIDATES)))
+        keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), similar_pool(k)))
         firsts = self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)
         expanded = _expanded(codes, vectors, SIMILAR_EXPAND, keys)
-        ranked, _ = vectors.search(expanded, k + 1 + max(map(len, firsts), default=0))
-        rests = []
-        for dups, nearest, row in zip(firsts, keys[:, 0].tolist(), ranked.tolist()):
-            first = [key for key, _ in dups]
-            if nearest >= 0 and nearest not in first:
-                first.append(nearest)
-            rests.append((first[len(dups):] + [key for key in row if key >= 0 and key not in first])[: max(0, k - len(dups))])
-        # every listed image's code at once: the distances are the query's own code's
-        listed = np.unique(np.fromiter((key for rest in rests for key in rest), np.int64))
-        at = {key: n for n, key in enumerate(listed.tolist())}
-        stored = _unit(vectors.get(listed)) if len(listed) else np.zeros((0, codes.shape[1]), np.float32)
+        found = keys >= 0
+        score = np.full(keys.shape, -np.inf, np.float32)  # the expanded code's cosine with each pooled image's
+        if found.any():
+            pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)
+            pooled[found] = _unit(vectors.get(keys[found]))
+            score = np.where(found, np.einsum("nkd,nd->nk", pooled, expanded), -np.inf)
         out = []
-        for q, dups, rest in zip(_unit(codes), firsts, rests):
-            d = 1.0 - stored[[at[key] for key in rest]] @ q
-            out.append(dups[:k] + [(key, max(float(x), 0.0)) for key, x in zip(rest, d.tolist())])
+        for dups, row_k, row_d, row_s in zip(firsts, keys.tolist(), dist.tolist(), score):
+            first = [key for key, _ in dups]
+            at = {key: d for key, d in zip(row_k, row_d) if key >= 0}
+            rest = [row_k[0]] if row_k[0] >= 0 and row_k[0] not in first else []
+            skip = set(first) | set(rest)
+            rest += [row_k[j] for j in np.argsort(-row_s, kind="stable").tolist() if row_k[j] >= 0 and row_k[j] not in skip]
+            out.append(dups[:k] + [(key, max(float(at[key]), 0.0)) for key in rest[: max(0, k - len(dups))]])
         return out
 
     def _duplicate_hits(self, pixels, frames, k, enc, vectors, version):
@@ -1137,6 +1138,12 @@ def build_meta(enc, arch: str, config: dict, pixels: np.ndarray, history: dict, 
         "final_loss": round(float(history["recon"][-1]), 6) if history.get("recon") else None,
         **cal,
     }
+
+
+def similar_pool(k: int) -> int:
+    """How many of the query's nearest stored images (by its own code) a ``similar`` search of
+    ``k`` ranks by the expanded code: :data:`SIMILAR_POOL`, or ``2k`` for a longer list."""
+    return max(SIMILAR_POOL, 2 * int(k))
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

@@ -67,19 +67,24 @@ CHUNK = 4096  # pairs computed at once (about 40 MB of intermediates)
 
 def _interp(scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Linear-interpolation matrices ``[N, 28, 28]``: output row i samples the source at
-    ``scale × (i − centre) + shift + centre`` (0 outside)."""
+    ``scale × (i − centre) + shift + centre`` (0 outside) — each row's weights are the tent
+    ``max(0, 1 − |position − column|)``."""
     pos = scale[:, None] * _U[None] + shift[:, None] + _CENTRE  # [N, 28]
-    left = np.floor(pos)
-    frac = (pos - left).astype(np.float32)
-    left = left.astype(np.int64)
-    # two taps per row, at source columns left and left + 1, written into columns −1 … 28 and cut
-    out = np.zeros((len(pos), SIDE, SIDE + 2), np.float32)
-    at = np.clip(left + 1, 0, SIDE + 1)[:, :, None]
-    np.put_along_axis(out, at, np.where((left >= -1) & (left <= SIDE), 1 - frac, 0)[:, :, None], axis=2)
-    at2 = np.clip(left + 2, 0, SIDE + 1)[:, :, None]  # may meet the first tap only where both are cut
-    np.put_along_axis(out, at2, np.take_along_axis(out, at2, axis=2)
-                      + np.where((left >= -2) & (left <= SIDE - 1), frac, 0)[:, :, None], axis=2)
-    return out[:, :, 1 : SIDE + 1]
+    return np.maximum(np.float32(1) - np.abs(pos[:, :, None] - _COLUMNS), np.float32(0))
+
+
+def _difference_matrix() -> np.ndarray:
+    """``D @ image``: the image's central differences down the rows (one-sided at the edges)."""
+    d = np.zeros((SIDE, SIDE), np.float32)
+    d[0, :2] = -1, 1
+    d[-1, -2:] = -1, 1
+    i = np.arange(1, SIDE - 1)
+    d[i, i - 1], d[i, i + 1] = -0.5, 0.5
+    return d
+
+
+_COLUMNS = np.arange(SIDE, dtype=np.float32)
+_DIFF = _difference_matrix()
 
 
 def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,15 +94,11 @@ def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = q.shape[0]
     qs = _BLUR @ q @ _BLUR.T
     cs = _BLUR @ c @ _BLUR.T
-    gy = np.concatenate([cs[:, 1:2] - cs[:, 0:1], (cs[:, 2:] - cs[:, :-2]) / 2, cs[:, -1:] - cs[:, -2:-1]], axis=1)
-    gx = np.concatenate([cs[:, :, 1:2] - cs[:, :, 0:1], (cs[:, :, 2:] - cs[:, :, :-2]) / 2,
-                         cs[:, :, -1:] - cs[:, :, -2:-1]], axis=2)
-    both = np.concatenate([cs, gy, gx], axis=2)  # [N, 28, 84]: rows are resampled once for all three
+    both = np.stack([cs, _DIFF @ cs, cs @ _DIFF.T], axis=1)  # [N, 3, 28, 28]: image, d/dy, d/dx
     p = np.zeros((n, 4), np.float32) + _IDENTITY
     for _ in range(ITERATIONS):
-        rows = _interp(p[:, 0], p[:, 2]) @ both
-        rxt = _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
-        w, ty, tx = rows[:, :, :SIDE] @ rxt, rows[:, :, SIDE : 2 * SIDE] @ rxt, rows[:, :, 2 * SIDE :] @ rxt
+        ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
+        w, ty, tx = (ry[:, None] @ both @ rxt[:, None]).transpose(1, 0, 2, 3)
         # the Jacobian's columns by (scale_y, scale_x, shift_y, shift_x), and its normal equations
         jac = np.stack([ty * _U[None, :, None], tx * _U[None, None, :], ty, tx], axis=1).reshape(n, 4, -1)
         r = (qs - w).reshape(n, -1, 1)

@@ -570,3 +570,32 @@ def test_contact_sheet(tmp_path):
         contact_sheet(REF, [(np.zeros((5, 5), np.uint8), "x")], out)
     with pytest.raises(ValueError, match="scale"):
         contact_sheet(REF, [], out, scale=0)
+
+
+@pytest.mark.parametrize("blur", [(0.0, 0.0), (0.8, 0.0), (1.3, 2.1)])
+def test_frame_resampling_is_scipys_filter_then_linear_interpolation(blur):
+    """The query frame's resampling (two matrix products) computes what SciPy's gaussian_filter
+    (edges repeated) then map_coordinates(order=1) would, on every point inside the window."""
+    from scipy.ndimage import gaussian_filter, map_coordinates
+
+    rng = np.random.default_rng(3)
+    window = rng.random((37, 23)).astype(np.float32)
+    rr = np.linspace(-1.5, 38.0, 28).astype(np.float32)
+    cc = np.linspace(0.25, 21.9, 28).astype(np.float32)
+    ours = images._resampling(rr, 37, blur[0]) @ window @ images._resampling(cc, 23, blur[1]).T
+    smoothed = gaussian_filter(window, blur, mode="nearest") if blur != (0.0, 0.0) else window
+    r, c = np.meshgrid(rr, cc, indexing="ij")
+    theirs = map_coordinates(smoothed, [r, c], order=1, mode="constant", cval=0.0)
+    inside = (r >= 0) & (r <= 36) & (c >= 0) & (c <= 22)
+    assert inside.sum() > 500
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-5)
+
+
+def test_near_ink_is_a_gaussian_of_one_pixel_with_zero_edges():
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(4)
+    ink = (rng.random((28, 28)) < 0.08).astype(np.float32)
+    ink[0, :] = 1.0  # ink on the edge: zero beyond it, not repeated
+    expected = gaussian_filter(ink, 1.0, mode="constant") > 0.1
+    assert (images._near_ink(ink) == expected).all()
