@@ -155,7 +155,7 @@ def markdown(out: dict) -> str:
             f"Wall time of the evaluation: {rep['seconds']:.1f} s.", ""]
         if f"{key}_no_expansion" in out:
             r0 = out[f"{key}_no_expansion"]["methods"]["streamsim"]["retrieval"]
-            lines += ["Without query expansion (`similar` ranked by the query's code alone, as before this release): "
+            lines += ["Without query expansion (`similar` ranked by the query's code alone): "
                       "precision@10 " + ", ".join(f"{c} {r0[c]['p_at_10']:.3f}" for c in rep["conditions"])
                       + f"; mAP@100 clean {r0['clean']['map']:.3f}.", ""]
         if f"{key}_store_calibrated" in out:
