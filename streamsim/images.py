@@ -54,6 +54,7 @@ _MAX_FRAME_SAMPLES = 200_000
 _NOISY = 0.05  # paper noise (robust σ, 0..1) above which the ink's box is found on a smoothed copy
 _DENOISE_SIGMA = 1.0  # Gaussian σ of that smoothing, in pixels of a 28-px-wide image
 _SPECKLED = 0.005  # fraction of the image in isolated specks (salt-and-pepper) that also counts as noisy
+_NOISE_FLOOR = 0.5 / 255  # paper noise (σ, 0..1 of the full range) below half a grey level is no noise
 
 _SUPPORTED_TYPES_MSG = (
     "expected an image: a path (str or pathlib.Path), bytes, a binary file object, "
@@ -567,6 +568,8 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
         sigma, impulses = _frame_noise(lin[around], lo, hi)
     else:
         sigma, impulses = noise / contrast, 0.0
+    if sigma * contrast < _NOISE_FLOOR:  # e.g. the far tails of an anti-aliasing blur: no paper noise
+        sigma = 0.0
     return pixels, Frame(lin, float(sigma), float(lo), float(hi), float(impulses), _near_ink(pixels * np.float32(1 / 255)))
 
 

@@ -599,3 +599,21 @@ def test_near_ink_is_a_gaussian_of_one_pixel_with_zero_edges():
     ink[0, :] = 1.0  # ink on the edge: zero beyond it, not repeated
     expected = gaussian_filter(ink, 1.0, mode="constant") > 0.1
     assert (images._near_ink(ink) == expected).all()
+
+
+def test_residue_far_below_a_grey_level_is_not_paper_noise(digits, monkeypatch):
+    """Resampling a clean digit leaves float residue around its ink (weights of 1e-9 on an ink
+    pixel); measured as paper noise it would send the query down the noisy path of the duplicate
+    check, with its wider margin. Below half a grey level it is no noise; real noise still is."""
+    real = images._linear_frame
+    residue = np.random.default_rng(5).random((28, 28)).astype(np.float32) * 1e-6
+
+    def with_residue(*args, **kwargs):
+        ink, inside = real(*args, **kwargs)
+        return ink + residue, inside
+
+    monkeypatch.setattr(images, "_linear_frame", with_residue)
+    clean = [images.load(x, frame=True).frame.sigma for x in digits[0][:20]]
+    assert clean == [0.0] * 20
+    noisy = np.clip(digits[0][:20] + np.random.default_rng(6).normal(0, 20, (20, 28, 28)), 0, 255).astype(np.uint8)
+    assert all(images.load(x, frame=True).frame.sigma > 0.02 for x in noisy)
