@@ -22,14 +22,17 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "checkpoints"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# name: (hidden width, epochs, batch size); everything else is the shipped recipe
+# name: (hidden width, epochs, batch size, corruption overrides); everything else is the shipped recipe
 VARIANTS = {
-    "deform40": (256, 40, 256),
-    "deform200": (256, 200, 256),
-    "deform400": (256, 400, 256),
-    "deform600": (256, 600, 256),
-    "wide200": (512, 200, 256),
-    "b1024e400": (256, 400, 1024),
+    "deform40": (256, 40, 256, {}),
+    "deform200": (256, 200, 256, {}),
+    "deform400": (256, 400, 256, {}),
+    "deform600": (256, 600, 256, {}),
+    "wide200": (512, 200, 256, {}),
+    "b1024e400": (256, 400, 1024, {}),
+    # 200 epochs with more deformation: elastic 4 px in 80 % of batches; or a more local field (7 × 7 grid)
+    "more200": (256, 200, 256, {"elastic": 4.0, "p_elastic": 0.8}),
+    "local200": (256, 200, 256, {"elastic_grid": 7, "elastic": 2.5}),
 }
 
 
@@ -43,9 +46,9 @@ def train(out: Path, names: list[str]) -> None:
 
     pixels, digits, views = training_data(views=4)
     for name in names:
-        hidden, epochs, batch = VARIANTS[name]
+        hidden, epochs, batch, corruptions = VARIANTS[name]
         config = {**DEFAULT_CONFIGS["mlp"], "hidden": hidden}
-        cfg = recipe_config(epochs=epochs, batch_size=batch)
+        cfg = recipe_config(epochs=epochs, batch_size=batch, corruptions=corruptions)
         t0 = time.perf_counter()
         model, hist = T.fit(build("mlp", config, seed=0), pixels, cfg, views=views)
         secs = time.perf_counter() - t0

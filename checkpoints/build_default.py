@@ -85,13 +85,15 @@ def training_data(*, views: int = 0, seed: int = 0):
 
 
 def recipe_config(*, epochs: int = EPOCHS, batch_size: int = 256, invariance: float = 0.0, contrastive: float = 1.0,
-                  seed: int = 0):
+                  seed: int = 0, corruptions: dict | None = None):
     """The recipe's training configuration: Adam 1e-3, NT-Xent against a ready-made view, and the
-    on-the-fly corruptions with the stronger deformation (elastic 3 px at p 0.6, strokes at p 0.5)."""
+    on-the-fly corruptions with the stronger deformation (elastic 3 px at p 0.6, strokes at p 0.5;
+    ``corruptions`` overrides some, for an ablation)."""
     from streamsim import train as T
 
+    recipe = {"shift": 3.0, "elastic": 3.0, "p_elastic": 0.6, "p_stroke": 0.5, **(corruptions or {})}
     return T.TrainConfig(epochs=epochs, batch_size=batch_size, invariance=invariance, contrastive=contrastive, seed=seed,
-                         corruptions=T.Corruptions(shift=3.0, elastic=3.0, p_elastic=0.6, p_stroke=0.5))
+                         corruptions=T.Corruptions(**recipe))
 
 
 def main(argv=None) -> int:

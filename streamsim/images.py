@@ -568,7 +568,7 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
         sigma, impulses = _frame_noise(lin[around], lo, hi)
     else:
         sigma, impulses = noise / contrast, 0.0
-    if sigma * contrast < _NOISE_FLOOR:  # e.g. the far tails of an anti-aliasing blur: no paper noise
+    if sigma * contrast < _NOISE_FLOOR:  # e.g. float residue of the resampling around clean ink: no paper noise
         sigma = 0.0
     return pixels, Frame(lin, float(sigma), float(lo), float(hi), float(impulses), _near_ink(pixels * np.float32(1 / 255)))
 
