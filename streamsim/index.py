@@ -37,6 +37,7 @@ from .catalog import CATALOG_FILE, Catalog
 
 MODES = ("similar", "duplicate", "recall")
 SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × the duplicate threshold
+SIMILAR_CANDIDATES = 8  # ... among a clean query's this many nearest (a noisy query's verify.NOISY_CANDIDATES)
 SIMILAR_EXPAND = (3,)  # similar search ranks by the query's code plus its nearest neighbours' codes
 SIMILAR_POOL = 64  # ... among at least this many of the query's nearest stored images (see similar_pool)
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
@@ -508,7 +509,7 @@ class Index:
         distances are between the query's own code and the match's."""
         codes = enc(pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), similar_pool(k)))
-        firsts = self._checked(frames, keys, dist, version, margin=SIMILAR_MARGIN)
+        firsts = self._checked(frames, keys, dist, version, SIMILAR_CANDIDATES, margin=SIMILAR_MARGIN)
         expanded = _expanded(codes, vectors, SIMILAR_EXPAND, keys)
         found = keys >= 0
         score = np.full(keys.shape, -np.inf, np.float32)  # the expanded code's cosine with each pooled image's

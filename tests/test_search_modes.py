@@ -79,6 +79,33 @@ def test_similar_ranks_by_the_query_expanded_by_its_neighbours(store, digits):
         assert np.allclose([m.distance for m in row], 1 - plain[i, got], atol=1e-4)
 
 
+def test_similar_checks_a_clean_querys_nearest_few_and_a_noisy_querys_more(tmp_path, digits, monkeypatch):
+    """The near-duplicates-first check of a similar search registers a clean query against its
+    SIMILAR_CANDIDATES nearest stored images at most (the check costs most of a search), a query
+    with paper noise against up to NOISY_CANDIDATES (its code is less exact). Store: 40 copies of
+    one digit, each with a few stray pixels, so that many candidates pass the code gate."""
+    from streamsim import index as index_mod
+    from streamsim import verify
+
+    x, _ = digits
+    rng = np.random.default_rng(2)
+    copies = np.repeat(x[9][None], 40, axis=0)
+    for c in copies:
+        c[rng.integers(4, 24, 3), rng.integers(4, 24, 3)] = 255
+    pairs = []
+    real = verify.scores
+    monkeypatch.setattr(verify, "scores", lambda frames, cand: pairs.append(len(frames)) or real(frames, cand))
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(copies)
+        pairs.clear()
+        assert len(index.search(x[9], k=5)) == 5
+        assert sum(pairs) == index_mod.SIMILAR_CANDIDATES
+        pairs.clear()
+        noisy = np.clip(x[9] + rng.normal(0, 50, (28, 28)), 0, 255).astype(np.uint8)
+        assert len(index.search(noisy, k=5)) == 5
+        assert index_mod.SIMILAR_CANDIDATES < sum(pairs) <= verify.NOISY_CANDIDATES
+
+
 def test_similar_returns_k_even_when_more_near_duplicates_are_stored(tmp_path, digits):
     x, _ = digits
     with Index.open(tmp_path / "s") as index:
