@@ -510,13 +510,12 @@ class Index:
         codes = enc(pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), similar_pool(k)))
         firsts = self._checked(frames, keys, dist, version, SIMILAR_CANDIDATES, margin=SIMILAR_MARGIN)
-        expanded = _expanded(codes, vectors, SIMILAR_EXPAND, keys)
         found = keys >= 0
-        score = np.full(keys.shape, -np.inf, np.float32)  # the expanded code's cosine with each pooled image's
+        pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)  # the pool's unit codes (0 where absent)
         if found.any():
-            pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)
             pooled[found] = _unit(vectors.get(keys[found]))
-            score = np.where(found, np.einsum("nkd,nd->nk", pooled, expanded), -np.inf)
+        expanded = _expanded(codes, vectors, SIMILAR_EXPAND, pooled)
+        score = np.where(found, np.einsum("nkd,nd->nk", pooled, expanded), -np.inf)  # the expanded code's cosine
         out = []
         for dups, row_k, row_d, row_s in zip(firsts, keys.tolist(), dist.tolist(), score):
             first = [key for key, _ in dups]
@@ -1155,18 +1154,19 @@ def _expanded(codes: np.ndarray, vectors, sizes: tuple[int, ...], nearest: np.nd
     """Average query expansion, in rounds: each unit query code plus the unit codes of its
     ``sizes[0]`` nearest stored neighbours; each later round adds, to the query's own code, the
     ``sizes[i]`` nearest neighbours of the previous round's expanded code (fewer where the store
-    holds fewer). ``nearest``: the queries' nearest keys by code, best first, if already searched."""
+    holds fewer). ``nearest``: the queries' nearest stored codes, unit length, best first
+    (``[N, M, d]``, zero where the store holds fewer), if already fetched."""
     q = _unit(np.asarray(codes, np.float32))
     out = q
     for r, n in enumerate(sizes if len(vectors) else ()):
         if r == 0 and nearest is not None and nearest.shape[1] >= n:
-            near = nearest[:, :n]
+            neigh = nearest[:, :n]
         else:
             near, _ = vectors.search(out, n)
-        ok = near >= 0
-        neigh = np.zeros((*near.shape, q.shape[-1]), np.float32)
-        if ok.any():
-            neigh[ok] = _unit(vectors.get(near[ok]))
+            ok = near >= 0
+            neigh = np.zeros((*near.shape, q.shape[-1]), np.float32)
+            if ok.any():
+                neigh[ok] = _unit(vectors.get(near[ok]))
         out = _unit(q + neigh.sum(axis=1))
     return out
 
