@@ -40,6 +40,7 @@ SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × 
 SIMILAR_CANDIDATES = 8  # ... among a clean query's this many nearest (a noisy query's verify.NOISY_CANDIDATES)
 SIMILAR_EXPAND = (3,)  # similar search ranks by the query's code plus its nearest neighbours' codes
 SIMILAR_POOL = 64  # ... among at least this many of the query's nearest stored images (see similar_pool)
+SIMILAR_COPIES = True  # ... a query found to be a copy of a stored image ranked by the two codes averaged
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
@@ -505,8 +506,9 @@ class Index:
         picks: the most similar image is a copy), then the nearest stored image by code, then the
         rest of the query's nearest :func:`similar_pool` stored images ranked by the query's code
         expanded by its :data:`SIMILAR_EXPAND` nearest (average query expansion: the
-        neighbourhood pulls a deformed or noisy query back towards its class). One code search;
-        distances are between the query's own code and the match's."""
+        neighbourhood pulls a deformed or noisy query back towards its class). A query that is a
+        copy of a stored image is ranked as the average of the two (:func:`_with_copies`). One
+        code search; distances are between the query's own code and the match's."""
         codes = enc(pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), similar_pool(k)))
         firsts = self._checked(frames, keys, dist, version, SIMILAR_CANDIDATES, margin=SIMILAR_MARGIN)
@@ -514,7 +516,9 @@ class Index:
         pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)  # the pool's unit codes (0 where absent)
         if found.any():
             pooled[found] = _unit(vectors.get(keys[found]))
-        expanded = _expanded(codes, vectors, SIMILAR_EXPAND, pooled)
+        query = _with_copies(codes, firsts if SIMILAR_COPIES else [], keys, pooled)
+        near = np.argsort(np.where(found, -np.einsum("nkd,nd->nk", pooled, query), np.inf), axis=1, kind="stable")
+        expanded = _expanded(query, vectors, SIMILAR_EXPAND, np.take_along_axis(pooled, near[:, :, None], axis=1))
         score = np.where(found, np.einsum("nkd,nd->nk", pooled, expanded), -np.inf)  # the expanded code's cosine
         out = []
         for dups, row_k, row_d, row_s in zip(firsts, keys.tolist(), dist.tolist(), score):
@@ -1148,6 +1152,22 @@ def similar_pool(k: int) -> int:
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
+
+
+def _with_copies(codes: np.ndarray, copies: list[list[tuple[int, float]]], keys: np.ndarray,
+                 pooled: np.ndarray) -> np.ndarray:
+    """Unit query codes; where the check found the query to be a copy of a stored image (its
+    best-explained candidate, ``copies[i][0]``), the unit average of the query's code and that
+    image's: a noisy, shifted or re-scanned copy is searched much as its stored original would be,
+    and a clean query (its own copy is itself) as before. ``keys``/``pooled``: the query's nearest
+    stored images and their unit codes, among which the copies are."""
+    q = _unit(np.asarray(codes, np.float32)).copy()
+    for i, row in enumerate(copies):
+        if row:
+            at = np.flatnonzero(keys[i] == row[0][0])
+            if len(at):
+                q[i] = _unit(q[i] + pooled[i, at[0]])
+    return q
 
 
 def _expanded(codes: np.ndarray, vectors, sizes: tuple[int, ...], nearest: np.ndarray | None = None) -> np.ndarray:

@@ -79,6 +79,38 @@ def test_similar_ranks_by_the_query_expanded_by_its_neighbours(store, digits):
         assert np.allclose([m.distance for m in row], 1 - plain[i, got], atol=1e-4)
 
 
+def test_similar_searches_a_copy_of_a_stored_image_as_the_two_codes_averaged(store, digits):
+    """A re-scanned copy of a stored digit, found to be one: the original comes first, and the
+    rest are ranked by the unit average of the copy's code and the original's, expanded by its
+    three nearest stored codes — not by the copy's code alone (which ranks some differently)."""
+    index, ids = store
+    x, _ = digits
+    enc = index.encoder()
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    stored = unit(enc(np.stack([index.pixels(i) for i in ids])))
+    changed = checked = 0
+    for n in range(0, 40, 2):
+        hits = index.search(copy_of(x[n]), k=10)
+        assert hits[0].id == ids[n]
+        if ids[n] not in [h.id for h in index.search(copy_of(x[n]), k=3, mode="duplicate")]:
+            continue  # not found to be a copy (the original is first as the nearest code): ranked as before
+        checked += 1
+        q = unit(enc(normalise_all(copy_of(x[n])[None])))[0]
+        ranked = []
+        for query in (unit(q + stored[n]), q):
+            near = np.argsort(-(stored @ query))[:3]
+            score = stored @ unit(query + stored[near].sum(axis=0))
+            score[n] = -np.inf
+            ranked.append(score)
+        got = [ids.index(h.id) for h in hits[1:]]
+        assert (np.diff(ranked[0][got]) <= 1e-5).all() and ranked[0][got[-1]] >= np.sort(ranked[0])[-9] - 1e-5
+        changed += set(got) != set(np.argsort(-ranked[1])[:9].tolist())
+    assert checked >= 15 and changed  # the copy's code alone would have ranked some lists differently
+
+
 def test_similar_checks_a_clean_querys_nearest_few_and_a_noisy_querys_more(tmp_path, digits, monkeypatch):
     """The near-duplicates-first check of a similar search registers a clean query against its
     SIMILAR_CANDIDATES nearest stored images at most (the check costs most of a search), a query
