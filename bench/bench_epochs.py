@@ -13,6 +13,7 @@ halves can run on different machines. Results go to ``docs/ablation.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -22,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "checkpoints"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-# name: (hidden width, epochs, batch size, corruption overrides); everything else is the shipped recipe
+# name: (hidden width, epochs, batch size, corruption overrides[, other training overrides]);
+# everything else is the shipped recipe
 VARIANTS = {
     "deform40": (256, 40, 256, {}),
     "deform200": (256, 200, 256, {}),
@@ -33,6 +35,8 @@ VARIANTS = {
     # 200 epochs with more deformation: elastic 4 px in 80 % of batches; or a more local field (7 × 7 grid)
     "more200": (256, 200, 256, {"elastic": 4.0, "p_elastic": 0.8}),
     "local200": (256, 200, 256, {"elastic_grid": 7, "elastic": 2.5}),
+    # 200 epochs, the weights averaged over the steps (decay 0.999 per step: about the last 20 epochs)
+    "ema200": (256, 200, 256, {}, {"ema": 0.999}),
 }
 
 
@@ -46,9 +50,9 @@ def train(out: Path, names: list[str]) -> None:
 
     pixels, digits, views = training_data(views=4)
     for name in names:
-        hidden, epochs, batch, corruptions = VARIANTS[name]
+        hidden, epochs, batch, corruptions, *extra = VARIANTS[name]
         config = {**DEFAULT_CONFIGS["mlp"], "hidden": hidden}
-        cfg = recipe_config(epochs=epochs, batch_size=batch, corruptions=corruptions)
+        cfg = dataclasses.replace(recipe_config(epochs=epochs, batch_size=batch, corruptions=corruptions), **(extra or [{}])[0])
         t0 = time.perf_counter()
         model, hist = T.fit(build("mlp", config, seed=0), pixels, cfg, views=views)
         secs = time.perf_counter() - t0

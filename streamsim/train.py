@@ -67,6 +67,7 @@ class TrainConfig:
     invariance: float = 0.0  # weight of the code-invariance term
     contrastive: float = 0.0  # weight of the instance-discrimination (NT-Xent) term between two views
     temperature: float = 0.1  # of the NT-Xent term
+    ema: float = 0.0  # if > 0, return the exponential moving average of the weights, with this decay per step
     seed: int = 0
     corruptions: Corruptions = dataclasses.field(default_factory=Corruptions)
 
@@ -209,9 +210,12 @@ def fit(
 
     ``views`` (uint8 ``[N, V, 28, 28]``, optional) are ready-made corrupted copies of each image;
     with a ``contrastive`` weight, each step pairs a fresh corruption of an image with one of its
-    views. The input model is not modified. ``progress(epoch, epochs, metrics)`` is called after
-    each epoch.
+    views. With ``config.ema``, the returned weights are the moving average of the weights over
+    the steps (Polyak averaging), not the last step's. The input model is not modified.
+    ``progress(epoch, epochs, metrics)`` is called after each epoch.
     """
+    if not 0.0 <= config.ema < 1.0:
+        raise ValueError(f"ema decay must be in [0, 1), got {config.ema}")
     images = np.asarray(images, np.uint8)
     if images.ndim != 3 or images.shape[1:] != (SIDE, SIDE) or len(images) == 0:
         raise ValueError(f"training needs uint8 pixels [N, 28, 28] with N > 0, got {images.shape}")
@@ -230,6 +234,10 @@ def fit(
     data = jnp.asarray(images)
     view_data = None if views is None else jnp.asarray(views)
     history: dict[str, list[float]] = {"loss": [], "recon": [], "invariance": [], "contrastive": [], "seconds": []}
+    averaged, average = params, None
+    if config.ema > 0:
+        decay = float(config.ema)
+        average = jax.jit(lambda avg, new: jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, avg, new))
     t0 = time.perf_counter()
     for epoch in range(config.epochs):
         key, kperm, kview = jax.random.split(key, 3)
@@ -241,6 +249,8 @@ def fit(
             rows = perm[i * bs : (i + 1) * bs]
             batch = data[rows] if view_data is None else (data[rows], view_data[rows, pick[rows]])
             params, opt_state, metrics = step(params, opt_state, batch, kstep)
+            if average is not None:
+                averaged = average(averaged, params)
             for name in sums:
                 sums[name] += float(metrics[name])
         for name, total in sums.items():
@@ -251,4 +261,4 @@ def fit(
         history["seconds"].append(time.perf_counter() - t0)
         if progress is not None:
             progress(epoch + 1, config.epochs, {k: history[k][-1] for k in sums})
-    return nnx.merge(graphdef, params), history
+    return nnx.merge(graphdef, averaged if average is not None else params), history
