@@ -53,6 +53,7 @@ _NOISE_K = 3.0  # background noise allowance, in robust standard deviations
 _MAX_FRAME_SAMPLES = 200_000
 _NOISY = 0.05  # paper noise (robust σ, 0..1) above which the ink's box is found on a smoothed copy
 _DENOISE_SIGMA = 1.0  # Gaussian σ of that smoothing, in pixels of a 28-px-wide image
+_MASK_BLOCKS = 8  # a big image is smoothed as block means, this many blocks per σ
 _SPECKLED = 0.005  # fraction of the image in isolated specks (salt-and-pepper) that also counts as noisy
 _NOISE_FLOOR = 0.5 / 255  # paper noise (σ, 0..1 of the full range) below half a grey level is no noise
 
@@ -669,12 +670,23 @@ def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> np.ndar
     """Where the ink is on grainy or speckled paper: thresholds a smoothed copy (a median filter
     first for specks), where the grain has averaged out but strokes have not, so that specks
     neither stretch the box nor (on a big noisy scan, where thousands of them cluster) fill it.
-    Only the box comes from here; the ink values are the image's own."""
+    Only the box comes from here; the ink values are the image's own. A big image is smoothed as
+    block means (:data:`_MASK_BLOCKS` of them per smoothing σ, so the copy keeps its shape) and the
+    smoothed copy interpolated back, so the cost does not grow with the square of the scan's size."""
     from scipy.ndimage import gaussian_filter, median_filter
 
-    scale = max(grey.shape) / _SIDE
-    g = median_filter(grey, size=max(3, 2 * round(scale) + 1), mode="nearest") if speckled else grey
-    g = gaussian_filter(g, _DENOISE_SIGMA * scale, mode="nearest")
+    h, w = grey.shape
+    scale = max(h, w) / _SIDE
+    step = max(1, int(_DENOISE_SIGMA * scale / _MASK_BLOCKS))
+    g = _block_means(grey, step) if step > 1 else grey
+    scale /= step
+    if speckled:
+        g = median_filter(g, size=max(3, 2 * round(scale) + 1), mode="nearest")
+    g = gaussian_filter(g, _DENOISE_SIGMA * scale, mode="reflect")
+    if step > 1:
+        rows = _resampling(np.clip((np.arange(h) - (step - 1) / 2) / step, 0, g.shape[0] - 1), g.shape[0])
+        cols = _resampling(np.clip((np.arange(w) - (step - 1) / 2) / step, 0, g.shape[1] - 1), g.shape[1])
+        g = rows @ g @ cols.T
     frame = _frame(g)
     background = _median(frame)
     dev = np.abs(frame - np.float32(background))
@@ -682,6 +694,15 @@ def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> np.ndar
     contrast = (background - float(g.min())) if invert else (float(g.max()) - background)
     level = min(max(_BBOX_LEVEL * contrast, _NOISE_K * noise), 0.6 * contrast)
     return g < np.float32(background - level) if invert else g > np.float32(background + level)
+
+
+def _block_means(grey: np.ndarray, step: int) -> np.ndarray:
+    """Means of ``step`` × ``step`` blocks, float32 (the last row and column of blocks padded
+    with the edge's values)."""
+    h, w = grey.shape
+    ph, pw = -h % step, -w % step
+    g = np.pad(grey, ((0, ph), (0, pw)), mode="edge") if ph or pw else grey
+    return g.reshape((h + ph) // step, step, (w + pw) // step, step).mean(axis=(1, 3), dtype=np.float32)
 
 
 def _supported(mask: np.ndarray) -> np.ndarray:
