@@ -237,7 +237,8 @@ def fit(
     averaged, average = params, None
     if config.ema > 0:
         decay = float(config.ema)
-        average = jax.jit(lambda avg, new: jax.tree.map(lambda a, b: decay * a + (1.0 - decay) * b, avg, new))
+        mix = lambda a, b: decay * a + (1.0 - decay) * b if jnp.issubdtype(a.dtype, jnp.floating) else b  # noqa: E731
+        average = jax.jit(lambda avg, new: jax.tree.map(mix, avg, new))
     t0 = time.perf_counter()
     for epoch in range(config.epochs):
         key, kperm, kview = jax.random.split(key, 3)
