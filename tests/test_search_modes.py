@@ -149,6 +149,23 @@ def test_similar_returns_k_even_when_more_near_duplicates_are_stored(tmp_path, d
         assert {h.id for h in index.search(x[3], k=4)} >= set(twins)
 
 
+def test_duplicate_finds_a_noisy_rescan_of_a_big_page(tmp_path, digits):
+    """A 1000-px page stored clean, queried as a scan with paper noise: a duplicate (its ink,
+    scaled down, is as strong as the clean page's)."""
+    x, _ = digits
+    page = np.zeros((1000, 700), np.float32)
+    page[150:850, 300:380] = 1.0  # a "1" with a foot and a flag
+    page[780:850, 180:520] = 1.0
+    page[150:260, 200:300] = 1.0
+    clean = np.round((0.86 - 0.7 * page) * 255).astype(np.uint8)
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(x[:40])
+        original = index.add(clean)
+        for seed, sigma in ((0, 0.08), (1, 0.2)):
+            noisy = np.clip(clean + np.random.default_rng(seed).normal(0, 255 * sigma, page.shape), 0, 255).astype(np.uint8)
+            assert original in [h.id for h in index.search(noisy, k=3, mode="duplicate")]
+
+
 def test_recall_mode_covers_what_similar_finds(store, digits):
     index, _ = store
     x, _ = digits
