@@ -538,9 +538,9 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     floor = min(_NOISE_K * noise, 0.5 * contrast)
     level = min(max(_BBOX_LEVEL * contrast, floor + _NOISE_K * noise), 0.6 * contrast)
     speckled = noise <= _NOISY and _speckled(grey, background, contrast)
-    core = None
-    if noise > _NOISY or speckled:
-        strong, core = _smoothed_mask(grey, invert, speckled=speckled)
+    noisy = noise > _NOISY or speckled
+    if noisy:
+        strong = _smoothed_mask(grey, invert, speckled=speckled)
     elif invert:
         strong = grey < np.float32(background - level)
     else:
@@ -549,8 +549,9 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     rows = strong.any(axis=1).nonzero()[0]
     cols = strong.any(axis=0).nonzero()[0]
     crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    if core is not None and max(crop.shape) > _BIG_CROP * _BOX:
-        contrast, floor = _big_noisy_ink(grey, core, background, invert, contrast, noise, max(crop.shape))
+    if noisy and max(crop.shape) > _BIG_CROP * _BOX:
+        contrast, floor = _big_noisy_ink(grey, slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), background,
+                                         invert, contrast, noise, max(crop.shape))
     # ink = (distance from the background - floor) / (contrast - floor), clipped to 0..1.
     sign = -1.0 if invert else 1.0
     ink = crop - np.float32(background + sign * floor)
@@ -670,9 +671,8 @@ def _speckled(grey: np.ndarray, background: float, contrast: float) -> bool:
     return int(isolated.sum()) > _SPECKLED * mask.size
 
 
-def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Where the ink is on grainy or speckled paper, and where its core is (beyond half the
-    smoothed copy's contrast), bool masks: thresholds a smoothed copy (a median filter
+def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> np.ndarray:
+    """Where the ink is on grainy or speckled paper: thresholds a smoothed copy (a median filter
     first for specks), where the grain has averaged out but strokes have not, so that specks
     neither stretch the box nor (on a big noisy scan, where thousands of them cluster) fill it.
     Only the box comes from here; the ink values are the image's own. A big image is smoothed as
@@ -698,26 +698,27 @@ def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> tuple[n
     noise = float(np.partition(dev, int(0.9 * (dev.size - 1)))[int(0.9 * (dev.size - 1))]) / 1.2816
     contrast = (background - float(g.min())) if invert else (float(g.max()) - background)
     level = min(max(_BBOX_LEVEL * contrast, _NOISE_K * noise), 0.6 * contrast)
-    mask = g < np.float32(background - level) if invert else g > np.float32(background + level)
-    middle = np.float32(background - 0.5 * contrast) if invert else np.float32(background + 0.5 * contrast)
-    return mask, (g < middle if invert else g > middle)
+    return g < np.float32(background - level) if invert else g > np.float32(background + level)
 
 
-def _big_noisy_ink(grey: np.ndarray, core: np.ndarray, background: float, invert: bool, contrast: float,
-                   noise: float, side: int) -> tuple[float, float]:
-    """``(contrast, floor)`` for a noisy image whose ink box (``side`` px) is scaled down more
-    than :data:`_BIG_CROP` times: the ink's contrast is the median of the image under the
-    smoothed copy's ``core`` (the brightest or darkest pixel, the usual measure, is as far out as
-    the noise's tail reaches: a σ 0.08 grain adds a third to a 0.7 contrast, and the ink comes out
-    fainter than the clean scan's), and the floor under which ink counts as paper is set for the
-    noise left after scaling down (the box's pixels each average many of the scan's), not the
-    scan's own."""
-    values = grey[core]
-    if values.size:
-        middle = _median(values)
-        measured = (background - middle) if invert else (middle - background)
-        if _MIN_CONTRAST <= measured < contrast:
-            contrast = measured
+def _big_noisy_ink(grey: np.ndarray, box_rows: slice, box_cols: slice, background: float, invert: bool,
+                   contrast: float, noise: float, side: int) -> tuple[float, float]:
+    """``(contrast, floor)`` for a noisy image whose ink box (``side`` px, at ``box_rows``,
+    ``box_cols``) is scaled down more than :data:`_BIG_CROP` times. Its pixels each average many
+    of the scan's, which averages the noise away; so the ink's contrast is measured on the box
+    averaged down to the pixels' size (area means: the strokes keep their strength, the noise
+    does not reach out), not as the darkest or brightest pixel, which the noise's tail pushes out
+    (a σ 0.08 grain adds a third to a 0.7 contrast, and the ink came out that much fainter than
+    the clean scan's); and the floor under which ink counts as paper is set for the noise left
+    after scaling down, not the scan's own."""
+    crop = grey[box_rows, box_cols]
+    lin = (crop - np.float32(background)) * np.float32(-1.0 if invert else 1.0)
+    s = _BOX / max(lin.shape)
+    small = Image.fromarray(np.ascontiguousarray(lin, dtype=np.float32), mode="F").resize(
+        (max(1, round(lin.shape[1] * s)), max(1, round(lin.shape[0] * s))), Image.Resampling.BOX)
+    measured = float(np.asarray(small).max())
+    if _MIN_CONTRAST <= measured < contrast:
+        contrast = measured
     floor = min(_NOISE_K * noise * _BOX / side, 0.5 * contrast)
     return contrast, floor
 
