@@ -550,8 +550,7 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     cols = strong.any(axis=0).nonzero()[0]
     crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     if noisy and max(crop.shape) > _BIG_CROP * _BOX:
-        contrast, floor = _big_noisy_ink(grey, slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1), background,
-                                         invert, contrast, noise, max(crop.shape))
+        contrast, floor = _big_noisy_ink(crop, background, invert, contrast, noise)
     # ink = (distance from the background - floor) / (contrast - floor), clipped to 0..1.
     sign = -1.0 if invert else 1.0
     ink = crop - np.float32(background + sign * floor)
@@ -701,17 +700,16 @@ def _smoothed_mask(grey: np.ndarray, invert: bool, *, speckled: bool) -> np.ndar
     return g < np.float32(background - level) if invert else g > np.float32(background + level)
 
 
-def _big_noisy_ink(grey: np.ndarray, box_rows: slice, box_cols: slice, background: float, invert: bool,
-                   contrast: float, noise: float, side: int) -> tuple[float, float]:
-    """``(contrast, floor)`` for a noisy image whose ink box (``side`` px, at ``box_rows``,
-    ``box_cols``) is scaled down more than :data:`_BIG_CROP` times. Its pixels each average many
+def _big_noisy_ink(crop: np.ndarray, background: float, invert: bool, contrast: float, noise: float
+                   ) -> tuple[float, float]:
+    """``(contrast, floor)`` for a noisy image whose ink box, ``crop``, is scaled down more than
+    :data:`_BIG_CROP` times. Its pixels each average many
     of the scan's, which averages the noise away; so the ink's contrast is measured on the box
     averaged down to the pixels' size (area means: the strokes keep their strength, the noise
     does not reach out), not as the darkest or brightest pixel, which the noise's tail pushes out
     (a σ 0.08 grain adds a third to a 0.7 contrast, and the ink came out that much fainter than
     the clean scan's); and the floor under which ink counts as paper is set for the noise left
     after scaling down, not the scan's own."""
-    crop = grey[box_rows, box_cols]
     lin = (crop - np.float32(background)) * np.float32(-1.0 if invert else 1.0)
     s = _BOX / max(lin.shape)
     small = Image.fromarray(np.ascontiguousarray(lin, dtype=np.float32), mode="F").resize(
@@ -719,7 +717,7 @@ def _big_noisy_ink(grey: np.ndarray, box_rows: slice, box_cols: slice, backgroun
     measured = float(np.asarray(small).max())
     if _MIN_CONTRAST <= measured < contrast:
         contrast = measured
-    floor = min(_NOISE_K * noise * _BOX / side, 0.5 * contrast)
+    floor = min(_NOISE_K * noise * s, 0.5 * contrast)
     return contrast, floor
 
 
