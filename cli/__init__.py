@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from streamsim import defaults
+
 app = typer.Typer(
     name="streamsim",
     help="Search, de-duplicate and continuously re-index character images.",
@@ -29,11 +31,6 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="STREAMSIM_STORE", help="Store folder.", show_default=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"streamsim: {message}", err=True)
-    raise typer.Exit(code)
 
 
 class _Errors:
@@ -120,19 +117,15 @@ def search(
 ) -> None:
     """Find the stored images closest to IMAGE, best first."""
     with _Errors():
-        from streamsim import images
-
-        query = images.load(image)
         with _open(store, create=False) as index:
-            matches = index.search_pixels(query.pixels[None], k, mode=mode)[0]
+            matches = index.search(image, k, mode=mode)  # the library's own query path, whatever the door
             if show is not None:
+                from streamsim import images
+
                 hits = [(index.pixels(m.id), f"#{m.id} d={m.distance:.3f}") for m in matches]
-                images.contact_sheet(query.pixels, hits, show)
+                images.contact_sheet(images.load(image).pixels, hits, show)
         if as_json:
-            _print_json([
-                {"id": m.id, "path": m.path, "distance": m.distance, "encoder_version": m.encoder_version}
-                for m in matches
-            ])
+            _print_json([m.to_dict() for m in matches])
             return
         from rich.console import Console
         from rich.table import Table
@@ -147,42 +140,10 @@ def search(
             typer.echo(f"wrote {show}")
 
 
-def _catalog(store: Path):
-    from streamsim.catalog import Catalog
-
-    return Catalog.of_store(store, readonly=True)
-
-
 def _status_data(store: Path) -> dict:
-    with _catalog(store) as cat:
-        return {
-            "store": str(Path(store).absolute()),
-            "images": cat.count_images(),
-            "files": cat.count_paths(),
-            "failed": cat.count_failures(),
-            "active_version": cat.active_version(),
-            "drift": _drift_summary(cat),
-            "versions": cat.version_rows(),
-        }
+    from streamsim.store import status as store_status
 
-
-DRIFT_WINDOW = 200  # images: the current drift score is the mean normalised score of the latest ones
-
-
-def _drift_summary(cat, window: int = DRIFT_WINDOW) -> dict:
-    """The current drift score (mean normalised reconstruction score of the active version's latest
-    ``window`` images; about 0 on images like its reference) and the latest alarm."""
-    active = cat.active_version()
-    s = cat.score_stream(last=window)
-    mine = s["score"][s["version"] == active]
-    alarms = [e for e in cat.events() if e["kind"] == "drift"]
-    last = alarms[-1] if alarms else None
-    return {
-        "score": round(float(mine.mean()), 4) if len(mine) else None,
-        "window": int(len(mine)),
-        "alarms": len(alarms),
-        "last_alarm": {k: last[k] for k in ("time", "version", "image_id", "path")} if last else None,
-    }
+    return store_status(store)
 
 
 @app.command()
@@ -242,10 +203,9 @@ def events(
     """The store's event log: drift alarms, versions created, activated, rolled back, rejected,
     retired, duplicate threshold calibrated on the store."""
     with _Errors():
-        with _catalog(store) as cat:
-            rows = [{k: e[k] for k in ("time", "kind", "version", "image_id", "path")} | e["detail"]
-                    for e in cat.events() if not kind or e["kind"] in kind]
-        rows = rows[-last:] if last else rows
+        from streamsim.store import events as store_events
+
+        rows = store_events(store, kinds=kind, last=last)
         if as_json:
             _print_json(rows)
             return
@@ -261,14 +221,17 @@ def events(
 @app.command()
 def drift(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG of the score over the stream, alarms and swaps marked.")] = None,
-    window: Annotated[int, typer.Option("--window", min=1, help="Images in the current drift score.")] = DRIFT_WINDOW,
+    window: Annotated[int, typer.Option("--window", min=1, help="Images in the current drift score.")] = defaults.DRIFT_WINDOW,
     as_json: JsonOpt = False,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
     """The normalised reconstruction score of incoming images: current level, alarms, and a plot."""
     with _Errors():
-        with _catalog(store) as cat:
-            summary = _drift_summary(cat, window)
+        from streamsim.catalog import Catalog
+        from streamsim.store import drift_summary
+
+        with Catalog.of_store(store, readonly=True) as cat:
+            summary = drift_summary(cat, window)
             if plot is not None:
                 from streamsim.drift import plot_stream
 
@@ -289,9 +252,9 @@ def drift(
 @app.command()
 def retrain(
     since: Annotated[Optional[int], typer.Option("--since", help="First image id of the change (default: the last drift alarm's change point, else images since the last switch).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Default: about 800 optimiser steps.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=f"Default: about {defaults.FINETUNE_STEPS} optimiser steps.")] = None,
     replay: Annotated[float, typer.Option("--replay", min=0.0, help="Older images replayed, as a multiple of the recent ones.")] = 1.0,
-    margin: Annotated[float, typer.Option("--margin", min=0.0, help="Allowed relative rise of the error on older (reference) images.")] = 0.10,
+    margin: Annotated[float, typer.Option("--margin", min=0.0, help="Allowed relative rise of the error on older (reference) images.")] = defaults.GATE_MARGIN,
     activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make the new version active if it passes the gate.")] = True,
     keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Keep the index files of only the N newest versions (checkpoints are kept).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -448,13 +411,44 @@ def eval_(
 def failed(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
     """Files that could not be stored, with the reason."""
     with _Errors():
-        with _catalog(store) as cat:
-            rows = cat.failures()
+        from streamsim.store import failures
+
+        rows = failures(store)
         if as_json:
-            _print_json([{"path": r["path"], "reason": r["reason"], "time": r["time"]} for r in rows])
+            _print_json(rows)
             return
         for r in rows:
             typer.echo(f"{r['path']}: {r['reason']}")
+
+
+@app.command()
+def check(
+    repair: Annotated[bool, typer.Option("--repair", help="Rebuild what can be derived (vectors from the stored "
+                                         "pixels, a dead build discarded); never deletes images, paths or checkpoints.")] = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Is the store whole? Every stored image has a vector in the active index and no stray keys,
+    every checkpoint matches its recorded hash, no version is half-built, the journal agrees with
+    the catalog. Exit status 0 when whole, 1 with the list of problems otherwise."""
+    with _Errors():
+        from streamsim.index import Index
+
+        with Index.open(store, create=False, reconcile=False) as index:
+            report = index.check(repair=repair)
+        if as_json:
+            _print_json(report)
+        else:
+            for p in report["repaired"]:
+                typer.echo(f"repaired: {p['detail']}")
+            for p in report["problems"]:
+                typer.echo(f"problem: {p['detail']}" + ("" if p["repairable"] else " (not repairable)"))
+            for n in report["notes"]:
+                typer.echo(f"note: {n}")
+            typer.echo(f"{report['images']} images, active version {report['active_version']}: "
+                       + ("whole" if report["ok"] else f"{len(report['problems'])} problems"))
+        if not report["ok"]:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -463,8 +457,8 @@ def watch(
     recursive: Annotated[bool, typer.Option("--recursive", help="Also watch sub-folders.")] = False,
     pattern: Annotated[Optional[list[str]], typer.Option("--pattern", help="File-name glob to take (repeatable); default: image suffixes.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Ingest what is there now, then exit.")] = False,
-    settle: Annotated[float, typer.Option("--settle", help="Seconds a file found by a rescan must stay unchanged.")] = 1.0,
-    rescan: Annotated[float, typer.Option("--rescan", help="Seconds between rescans of the folder.")] = 5.0,
+    settle: Annotated[float, typer.Option("--settle", help="Seconds a file found by a rescan must stay unchanged.")] = defaults.WATCH_SETTLE,
+    rescan: Annotated[float, typer.Option("--rescan", help="Seconds between rescans of the folder.")] = defaults.WATCH_RESCAN,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
     retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="Fine-tune in the background after a drift alarm.")] = True,
     keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="After a swap keep the index files of only the N newest versions.")] = None,

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-PIXEL_BYTES = 28 * 28
 CATALOG_FILE = "catalog.sqlite"  # inside the store folder
 SCHEMA_VERSION = 1
 # building: being trained or indexed; ready: complete, not active; active: serving searches;
@@ -208,9 +207,24 @@ class Catalog:
         """Every journalled file: ``path -> (size, mtime_ns)`` as it was when it was ingested."""
         return {r[0]: (int(r[1]), int(r[2])) for r in self._query("SELECT path, size, mtime_ns FROM journal")}
 
-    def journal_entry(self, path: str) -> dict[str, Any] | None:
-        rows = self._query("SELECT * FROM journal WHERE path = ?", (path,))
-        return dict(rows[0]) if rows else None
+    def dangling_journal(self) -> list[dict[str, Any]]:
+        """Journal rows that say a file was stored, or stored as a duplicate, under an image the
+        catalog does not hold (or not under that path): ``path``, ``outcome``, ``image_id``."""
+        return [dict(r) for r in self._query(
+            "SELECT j.path, j.outcome, j.image_id FROM journal j WHERE j.outcome IN ('stored', 'duplicate') "
+            "AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = j.image_id AND p.path = j.path) "
+            "ORDER BY j.path")]
+
+    def forget_journal(self, paths: Iterable[str]) -> int:
+        """Drop these files' journal rows, so that a watcher takes them again; returns how many."""
+        paths = [str(p) for p in paths]
+        with self.transaction() as db:
+            return sum(db.execute("DELETE FROM journal WHERE path = ?", (p,)).rowcount for p in paths)
+
+    def integrity(self) -> list[str]:
+        """SQLite's own check of the database file: an empty list when it is sound."""
+        rows = [str(r[0]) for r in self._query("PRAGMA quick_check")]
+        return [] if rows == ["ok"] else rows
 
     def max_image_id(self) -> int:
         return int(self._query("SELECT COALESCE(MAX(id), 0) FROM images")[0][0])

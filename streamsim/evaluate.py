@@ -192,15 +192,15 @@ class _done:
 
 def _workers(images: int):
     """Worker processes for normalising and perturbing ``images`` images, where that is worth
-    starting them (≥ :data:`PARALLEL_MIN` images) and :func:`~streamsim.index.workers_allowed`;
+    starting them (≥ :data:`PARALLEL_MIN` images) and :func:`~streamsim.workers.workers_allowed`;
     else a no-op context."""
     import contextlib
 
-    from .index import decoder_pool, workers_allowed
+    from .workers import process_pool, workers_allowed
 
     if images < PARALLEL_MIN or not workers_allowed():
         return contextlib.nullcontext()
-    return decoder_pool()
+    return process_pool()
 
 
 def _without_self(ranked: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
@@ -226,7 +226,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     ``calibrate_store``: calibrate the duplicate threshold on the temporary store's own images
     first (:meth:`Index.calibrate_duplicates`), as ``streamsim calibrate`` would.
     ``parallel``: perturb and normalise the queries of a large run (≥ :data:`PARALLEL_MIN` images)
-    in worker processes, as ``streamsim eval`` does (where :func:`streamsim.index.workers_allowed`:
+    in worker processes, as ``streamsim eval`` does (where :func:`streamsim.workers.workers_allowed`:
     a script needs the ``if __name__ == "__main__":`` guard). The report is the same either way.
     """
     from .index import Index

@@ -58,6 +58,7 @@ _BIG_CROP = 2  # a noisy image whose ink box is scaled down more than this many 
 _SPECKLED = 0.005  # fraction of the image in isolated specks (salt-and-pepper) that also counts as noisy
 _NOISE_FLOOR = 0.5 / 255  # paper noise (σ, 0..1 of the full range) below half a grey level is no noise
 
+NO_INK_LEFT = "no ink left after normalising (the marks are no stronger than the paper's noise)"
 _SUPPORTED_TYPES_MSG = (
     "expected an image: a path (str or pathlib.Path), bytes, a binary file object, "
     "a PIL.Image.Image, or a numpy array [H, W] or [H, W, C] with C in (1, 3, 4)"
@@ -161,19 +162,18 @@ def load(image, *, source: str | None = None, frame: bool = False) -> Loaded:
         path = Path(image)
         src = source if source is not None else str(image)
         data = _read_path(path, src)
-        return done(_decode(data, src), _sha256(data), os.path.realpath(path), src)
+        return _guarded(src, lambda: done(_decode(data, src), _sha256(data), os.path.realpath(path), src))
     if isinstance(image, (bytes, bytearray, memoryview)):
         src = source if source is not None else "<bytes>"
         data = bytes(image)
-        return done(_decode(data, src), _sha256(data), None, src)
+        return _guarded(src, lambda: done(_decode(data, src), _sha256(data), None, src))
     if isinstance(image, Image.Image):
         src = source if source is not None else "<PIL.Image>"
-        grey, digest = _from_pil_input(image, src)
-        return done(grey, digest, None, src)
+        return _guarded(src, lambda: done(*_from_pil_input(image, src), None, src))
     if isinstance(image, np.ndarray):
         src = source if source is not None else "<array>"
         _check_array(image, src)
-        return done(_array_to_grey(image, src), _array_digest(image), None, src)
+        return _guarded(src, lambda: done(_array_to_grey(image, src), _array_digest(image), None, src))
     if callable(getattr(image, "read", None)):
         src = source if source is not None else "<file>"
         try:
@@ -185,8 +185,28 @@ def load(image, *, source: str | None = None, frame: bool = False) -> Loaded:
                 f"file object returned {type(data).__name__}, not bytes: open it in binary mode ('rb')"
             )
         data = bytes(data)
-        return done(_decode(data, src), _sha256(data), None, src)
+        return _guarded(src, lambda: done(_decode(data, src), _sha256(data), None, src))
     raise TypeError(f"{_SUPPORTED_TYPES_MSG}; got {type(image).__module__}.{type(image).__qualname__}")
+
+
+def _guarded(source: str, work):
+    """Run ``work`` (decode and normalise one input) so that whatever the bytes, the outcome is
+    pixels or an :class:`ImageError`: decoder and numerical warnings are silenced (never printed
+    per file), and any other exception a malformed input provokes in a codec or in the maths
+    becomes an ``ImageError`` whose reason names it."""
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return work()
+    except ImageError:
+        raise
+    except Image.DecompressionBombWarning as err:
+        raise ImageError(source, f"decompression bomb ({_bomb_size(err)})") from err
+    except MemoryError as err:
+        raise ImageError(source, "too large to decode (out of memory)") from err
+    except (Exception, RecursionError) as err:  # noqa: BLE001 - one bad input is that input's failure
+        raise ImageError(source, f"cannot be read as an image ({type(err).__name__}: {_one_line(err) or 'no detail'})") from err
 
 
 def to_pixels(image) -> np.ndarray:
@@ -548,6 +568,8 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     strong = _supported(strong)
     rows = strong.any(axis=1).nonzero()[0]
     cols = strong.any(axis=0).nonzero()[0]
+    if not len(rows):
+        raise ImageError(source, NO_INK_LEFT)
     crop = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     if noisy and max(crop.shape) > _BIG_CROP * _BOX:
         contrast, floor = _big_noisy_ink(crop, background, invert, contrast, noise)
@@ -557,9 +579,13 @@ def _normalise_grey(grey: np.ndarray, source: str, *, frame: bool = False):
     ink *= np.float32(sign / (contrast - floor))
     np.maximum(ink, 0.0, out=ink)
     np.minimum(ink, 1.0, out=ink)
+    if not (ink > 0).any():  # NaN-free by construction; marks no stronger than the floor vanish here
+        raise ImageError(source, NO_INK_LEFT)
     box = _fit(ink)
     top, left = _offset(box)
     pixels = _place(box, top, left)
+    if not pixels.any():
+        raise ImageError(source, NO_INK_LEFT)
     if not frame:
         return pixels
     lin, inside = _linear_frame(grey, background, sign / contrast, (int(rows[0]), int(cols[0])), crop.shape,
@@ -779,6 +805,8 @@ def _offset(box: np.ndarray) -> tuple[int, int]:
     row_mass = box.sum(axis=1)
     col_mass = box.sum(axis=0)
     total = float(row_mass.sum())
+    if not total > 0:  # _normalise_grey refuses inkless boxes before this; centre one if it comes
+        return (_SIDE - h) // 2, (_SIDE - w) // 2
     cy = float(row_mass @ _RAMP[:h]) / total
     cx = float(col_mass @ _RAMP[:w]) / total
     top = min(max(math.floor(_CENTRE - cy + 0.5), 0), _SIDE - h)

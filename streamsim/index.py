@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import stat
-import sys
 import threading
 import time
 import weakref
@@ -34,6 +32,10 @@ import numpy as np
 
 from . import drift, encoders, images, verify
 from .catalog import CATALOG_FILE, Catalog
+from .check import CHECKPOINT_HASH
+from .defaults import FINETUNE_STEPS, GATE_MARGIN
+from .store import StoreError, checkpoint_digest, encoder_dir, file_stat, lock_builds, vectors_path
+from .workers import Decoder
 
 MODES = ("similar", "duplicate", "recall")
 SIMILAR_MARGIN = 3.0  # similar search puts first the candidates within this × the duplicate threshold
@@ -44,9 +46,7 @@ SIMILAR_COPIES = True  # ... a query found to be a copy of a stored image ranked
 UNKNOWN_MODE_MSG = "unknown search mode {mode!r}; choose one of similar, duplicate, recall"
 SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
 RECALL_POOL = 4  # recall mode searches k * RECALL_POOL candidates per query variant
-FINETUNE_STEPS = 800  # a fine-tune after drift: about this many optimiser steps over (recent + replay)
 FINETUNE_LR = 5e-4
-GATE_MARGIN = 0.10  # a fine-tune may raise the error on older (reference) images by this much, relative
 MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
@@ -56,10 +56,6 @@ RECALL_EXPAND = (3, 10, 20)  # recall mode also searches with the query expanded
 
 MIN_STORE_CALIBRATION = 100  # stored images, at least, to calibrate the duplicate rule on a store
 STORE_CALIBRATION_FLOOR = 0.5  # a store's own calibration may lower the version's threshold to this share, not below
-
-
-class StoreError(ValueError):
-    """The store cannot be opened or used as asked."""
 
 
 class BuildCancelled(RuntimeError):
@@ -91,17 +87,24 @@ class Match:
     distance: float
     encoder_version: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{"id", "path", "distance", "encoder_version"}``, as ``search --json`` prints it."""
+        return {"id": self.id, "path": self.path, "distance": self.distance, "encoder_version": self.encoder_version}
+
 
 @dataclass(frozen=True)
 class FileOutcome:
     """What ingesting one file did: ``stored``, ``duplicate`` (same bytes already stored; the path
     was recorded as another path of ``id``), ``failed`` (with ``reason``), ``busy`` (the file
-    changed while it was read; offer it again) or ``gone`` (removed before it could be read)."""
+    changed while it was read; offer it again) or ``gone`` (removed before it could be read).
+    A ``stored`` image carries its drift ``score`` under ``version``, the encoder that scored it."""
 
     path: str
     outcome: str
     id: int | None
     reason: str | None
+    score: float | None = None
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,11 +139,13 @@ class Index:
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, create: bool = True) -> "Index":
+    def open(cls, path: str | os.PathLike, *, create: bool = True, reconcile: bool = True) -> "Index":
         """Open the store at ``path``; with ``create`` (the default) make it if missing.
 
-        A new store gets the shipped encoder as version 1. Opening reconciles the active vectors
-        with the catalog: images the catalog holds but the vectors miss are encoded and added.
+        A new store gets the shipped encoder as version 1. Opening reconciles the store (unless
+        ``reconcile`` is off: to :meth:`check` it as it was found): versions left half-built by a
+        process that died are discarded, and images the catalog holds but the active vectors miss
+        are encoded and added.
         """
         root = Path(path).expanduser().absolute()
         db = root / CATALOG_FILE
@@ -152,8 +157,9 @@ class Index:
         index = cls(root, Catalog(db))
         try:
             index._bootstrap()
-            index._discard_dead_builds()
-            index._reconcile()
+            if reconcile:
+                index._discard_dead_builds()
+                index._reconcile()
         except BaseException:
             index.catalog.close()
             raise
@@ -170,8 +176,8 @@ class Index:
                 d = encoders.copy_shipped(enc_root, 1)
                 meta = encoders.read_meta(d)
                 # another process may be bootstrapping the same store: first one wins
-                self.catalog.add_version(1, state="ready", parent=None, reason="shipped", meta=_summary(meta),
-                                         if_missing=True)
+                self.catalog.add_version(1, state="ready", parent=None, reason="shipped",
+                                         meta={**_summary(meta), CHECKPOINT_HASH: checkpoint_digest(d)}, if_missing=True)
             ready = [v["version"] for v in self.catalog.versions() if v["state"] in ("ready", "active")]
             if not ready:
                 raise StoreError(f"{self.root}: no usable encoder version; see `streamsim versions`")
@@ -231,7 +237,8 @@ class Index:
                 self._vectors.save()
             self._last_save = time.monotonic()
 
-    def _maybe_save(self) -> None:
+    def autosave(self) -> None:
+        """Write the active vectors if they changed and the last write is :data:`SAVE_INTERVAL_S` old."""
         if time.monotonic() - self._last_save >= SAVE_INTERVAL_S:
             self.flush()
 
@@ -248,7 +255,7 @@ class Index:
 
     def meta(self, version: int) -> dict[str, Any]:
         if version not in self._metas:
-            self._metas[version] = encoders.read_meta(encoders.version_dir(self.root / "encoders", version))
+            self._metas[version] = encoders.read_meta(encoder_dir(self.root, version))
         return self._metas[version]
 
     def normaliser(self, version: int | None = None) -> drift.Normaliser:
@@ -265,13 +272,13 @@ class Index:
         version = self.active_version if version is None else int(version)
         with self._lock:
             if version not in self._encoders:
-                model, meta = encoders.load(encoders.version_dir(self.root / "encoders", version))
+                model, meta = encoders.load(encoder_dir(self.root, version))
                 self._metas[version] = meta
                 self._encoders[version] = Encoder(model)
             return self._encoders[version]
 
     def _vectors_path(self, version: int) -> Path:
-        return self.root / "vectors" / f"v{version:04d}.usearch"
+        return vectors_path(self.root, version)
 
     def _vectors_for(self, version: int):
         from .vectors import Vectors
@@ -284,6 +291,71 @@ class Index:
                 self._vectors_version = version
                 self._known_max = 0  # another version's file: check every id again (cheap: contains)
             return self._vectors
+
+    # -- checking -----------------------------------------------------------------------------
+
+    def check(self, *, repair: bool = False) -> dict[str, Any]:
+        """Whether the store is whole (:mod:`streamsim.check`): ``{"ok", "problems", "repaired",
+        "notes", "images", "active_version"}``, each problem ``{"kind", "detail", "version",
+        "repairable"}``. With ``repair``, what can be derived is rebuilt — the active vectors from
+        the catalog's pixels, a dead build discarded, journal rows that name no stored image
+        dropped (the watcher takes those files again), the shipped encoder copied afresh — and
+        the store checked again; ``problems`` then lists what is still wrong. Never deletes an
+        image, a path or a checkpoint (a damaged copy of the shipped encoder is moved aside).
+        Open with ``reconcile=False`` to see the store exactly as it was found."""
+        from . import check
+
+        with self._lock:
+            recorded = self._record_missing_hashes() if repair else []
+            problems, notes = check.inspect(self.root, self.catalog)
+            repaired: list[dict[str, Any]] = []
+            if repair and any(p.repairable for p in problems):
+                for p in problems:
+                    if p.repairable:
+                        self._repair(p)
+                        repaired.append(p.to_dict())
+                problems, notes = check.inspect(self.root, self.catalog)
+            notes = recorded + notes
+        return {"ok": not problems, "problems": [p.to_dict() for p in problems], "repaired": repaired,
+                "notes": notes, "images": self.catalog.count_images(), "active_version": self.catalog.active_version()}
+
+    def _repair(self, problem) -> None:
+        if problem.kind == "half_built":
+            self._discard_dead_builds()
+        elif problem.kind == "journal":
+            self.catalog.forget_journal(problem.paths)
+        elif problem.kind == "checkpoint":  # only the shipped encoder's is repairable
+            d = encoder_dir(self.root, problem.version)
+            if d.exists():
+                os.replace(d, d.with_name(f".{d.name}.damaged-{int(time.time())}"))
+            encoders.copy_shipped(self.root / "encoders", problem.version)
+            with self._lock:
+                self._encoders.pop(problem.version, None)
+                self._metas.pop(problem.version, None)
+        elif problem.kind == "vectors":
+            path = self._vectors_path(problem.version)
+            with self._lock:
+                if path.exists():
+                    try:
+                        from .vectors import Vectors
+
+                        Vectors.open(path, self.encoder(problem.version).dim)
+                    except ValueError:  # unreadable: set it aside and build it afresh
+                        os.replace(path, path.with_name(f".{path.name}.damaged-{int(time.time())}"))
+                if self._vectors_version == problem.version:
+                    self._vectors, self._vectors_version = None, None
+                self._reconcile()
+
+    def _record_missing_hashes(self) -> list[str]:
+        from . import check
+
+        notes = []
+        for v in self.catalog.versions():
+            d = encoder_dir(self.root, v["version"])
+            if v["state"] in check.SERVED and CHECKPOINT_HASH not in v["meta"] and encoders.is_complete(d):
+                self.catalog.update_version_meta(v["version"], **{CHECKPOINT_HASH: checkpoint_digest(d)})
+                notes.append(f"recorded the hash of version {v['version']}'s checkpoint")
+        return notes
 
     # -- adding -------------------------------------------------------------------------------
 
@@ -302,73 +374,84 @@ class Index:
         """Store image files and folders (walked recursively), recording files that fail.
 
         ``on_file(path, outcome, id)`` is called for each file with ``outcome`` one of ``"added"``,
-        ``"duplicate"`` or the failure reason (id ``None``).
+        ``"duplicate"`` or the failure reason (id ``None``). Files are known by their resolved
+        path. Whatever a file holds, it is stored or recorded as failed, and the rest go on.
         """
         added: list[int] = []
         dups: list[int] = []
         failed: list[tuple[str, str]] = []
-        pending: list[images.Loaded] = []
+        files = [os.path.realpath(f) for f in images.iter_image_files(paths, recursive=recursive)]
+        pending: list[tuple[str, Any]] = []
 
-        pending_stats: list[tuple[int, int] | None] = []
-
-        def flush_pending():
-            for item, stored in zip(pending, self._store(pending, journal=pending_stats)):
-                (added if stored.new else dups).append(stored.id)
+        def flush() -> None:
+            for o in self._ingest_results(pending, None):
+                if o.outcome == "failed":
+                    failed.append((o.path, o.reason))
+                else:
+                    (added if o.outcome == "stored" else dups).append(o.id)
                 if on_file:
-                    on_file(item.path or item.source, "added" if stored.new else "duplicate", stored.id)
+                    on_file(o.path, {"stored": "added", "duplicate": "duplicate"}.get(o.outcome, o.reason), o.id)
             pending.clear()
-            pending_stats.clear()
 
-        files = list(images.iter_image_files(paths, recursive=recursive))
-        for path, result in _load_all(files):
-            if isinstance(result, images.ImageError):
-                where = os.path.realpath(path)  # the same key a later success uses
-                failed.append((where, result.reason))
-                self.catalog.record_failure(where, result.reason, stat=file_stat(where))
-                if on_file:
-                    on_file(where, result.reason, None)
-            else:
-                pending.append(result)
-                pending_stats.append(file_stat(result.path))
-            if len(pending) >= batch:
-                flush_pending()
-        if pending:
-            flush_pending()
+        with Decoder() as decoder:
+            for path, result in decoder.load(files):  # decoding runs ahead in workers while batches are stored
+                pending.append((path, result))
+                if len(pending) >= batch:
+                    flush()
+            flush()
         return IngestReport(added, dups, failed)
 
-    def ingest_files(self, files: Sequence[tuple[str, int, int]], *, pool=None) -> list["FileOutcome"]:
+    def ingest_files(self, files: Sequence[tuple[str, int, int]], *, decoder: Decoder | None = None) -> list[FileOutcome]:
         """Ingest files seen as ``(path, size, mtime_ns)``, journalling each outcome in the catalog.
 
         A file whose size or mtime changed while it was read is not stored (outcome ``"busy"``)
-        and should be offered again once it is complete. Failures are journalled with the
-        stat they had, so the same unchanged file is not retried.
+        and should be offered again once it is complete. Failures are journalled with the stat
+        they had, so the same unchanged file is not retried. ``decoder``: the
+        :class:`~streamsim.workers.Decoder` to read with (its worker processes), else one for the call.
         """
         stats = {str(f[0]): (int(f[1]), int(f[2])) for f in files}
+        if decoder is None:
+            with Decoder() as own:
+                results = list(own.load([str(f[0]) for f in files]))
+        else:
+            results = list(decoder.load([str(f[0]) for f in files]))
+        return self._ingest_results(results, stats)
+
+    def _ingest_results(self, results: Sequence[tuple[str, Any]], seen: dict[str, tuple[int, int]] | None
+                        ) -> list[FileOutcome]:
+        """Store or journal decoded files, ``(path, Loaded | ImageError)``. With ``seen`` (each
+        path's stat before it was read) a file changed meanwhile is ``busy`` and a removed one
+        ``gone``; without, what was read is stored (``add``: nobody waits for writers)."""
         out: list[FileOutcome] = []
-        to_store: list[tuple[int, images.Loaded]] = []
-        for path, result in _load_all([Path(f[0]) for f in files], pool=pool):
+        to_store: list[tuple[int, images.Loaded, tuple[int, int] | None]] = []
+        for path, result in results:
             path = str(path)
-            seen, now = stats[path], file_stat(path)
-            if now is None:
+            now = file_stat(path)
+            if seen is not None and now is None:
                 out.append(FileOutcome(path, "gone", None, None))  # removed before we could read it
-            elif now != seen:
+            elif seen is not None and now != seen[path]:
                 out.append(FileOutcome(path, "busy", None, None))  # still being written
             elif isinstance(result, images.ImageError):
-                self.catalog.record_failure(path, result.reason, stat=seen)
+                self.catalog.record_failure(path, result.reason, stat=now)
                 out.append(FileOutcome(path, "failed", None, result.reason))
             else:
                 # journal and first path under the name it was seen by (a symlink stays a symlink)
-                to_store.append((len(out), dataclasses.replace(result, path=path)))
+                to_store.append((len(out), dataclasses.replace(result, path=path), now))
                 out.append(FileOutcome(path, "pending", None, None))
         if to_store:
-            stored = self._store([x for _, x in to_store], journal=[stats[out[i].path] for i, _ in to_store])
-            for (i, _), s in zip(to_store, stored):
-                out[i] = FileOutcome(out[i].path, "stored" if s.new else "duplicate", s.id, None)
+            stored, version, scores = self._store([x for _, x, _ in to_store], journal=[st for _, _, st in to_store],
+                                                  with_scores=True)
+            for (i, _, _), s, z in zip(to_store, stored, scores):
+                out[i] = FileOutcome(out[i].path, "stored" if s.new else "duplicate", s.id, None,
+                                     z if s.new else None, version if s.new else None)
         return out
 
-    def _store(self, loaded: Sequence[images.Loaded], journal: list[tuple[int, int]] | None = None):
+    def _store(self, loaded: Sequence[images.Loaded], journal: list[tuple[int, int]] | None = None,
+               with_scores: bool = False):
+        """Store loaded images in one transaction; returns the catalog's ``Stored`` list (with
+        ``with_scores``: and the active version and each image's drift score)."""
         if not loaded:
-            return []
+            return ([], None, []) if with_scores else []
         with self._lock:
             v = self.active_version
             self._catch_up(v)  # images other processes stored since we looked
@@ -386,8 +469,8 @@ class Index:
             if new_ids:
                 self._vectors_for(v).add(np.asarray(new_ids, np.int64), codes[rows])
                 self._catch_up(v)  # only ids stored elsewhere meanwhile are encoded here
-                self._maybe_save()
-            return stored
+                self.autosave()
+            return (stored, v, [float(z) for z in scores]) if with_scores else stored
 
     def remove(self, image_id: int) -> bool:
         """Delete an image (its pixels, paths and vectors). Returns False if there was none."""
@@ -395,7 +478,7 @@ class Index:
             gone = self.catalog.remove(int(image_id))
             if gone:
                 self._vectors_for(self.active_version).remove(np.asarray([int(image_id)], np.int64))
-                self._maybe_save()
+                self.autosave()
             return gone
 
     def get(self, image_id: int) -> dict[str, Any] | None:
@@ -773,7 +856,7 @@ class Index:
         train_ids = np.sort(np.concatenate([fit_ids, replay_ids]))
         parent = self.active_version
         # what the parent was trained for (kept with its checkpoint): half replayed, half checked
-        kept = encoders.load_reference(encoders.version_dir(self.root / "encoders", parent))
+        kept = encoders.load_reference(encoder_dir(self.root, parent))
         kept = kept[rng.permutation(len(kept))]
         kept_check, kept_replay = kept[: len(kept) // 2], kept[len(kept) // 2 :] if replay > 0 else kept[:0]
         with self._building(parent=parent, reason=reason) as version:
@@ -845,7 +928,7 @@ class Index:
     def _building(self, *, parent: int, reason: str):
         """Hold the store's build lock and a new version in state ``building``; on any error the
         version is marked ``failed`` and its partial files removed."""
-        lock = _lock_builds(self.root)
+        lock = lock_builds(self.root)
         try:
             version = self.catalog.new_version(state="building", parent=parent, reason=reason)
             try:
@@ -865,7 +948,7 @@ class Index:
         self._vectors_path(version).unlink(missing_ok=True)
         import shutil
 
-        shutil.rmtree(encoders.version_dir(self.root / "encoders", version), ignore_errors=True)
+        shutil.rmtree(encoder_dir(self.root, version), ignore_errors=True)
         with self._lock:
             self._encoders.pop(version, None)
             self._metas.pop(version, None)
@@ -877,7 +960,7 @@ class Index:
         if not building:
             return
         try:
-            lock = _lock_builds(self.root)
+            lock = lock_builds(self.root)
         except StoreError:
             return  # a build is running in another process
         try:
@@ -892,7 +975,7 @@ class Index:
         the background of searches, switch."""
         from flax import nnx
 
-        encoders.save(nnx.merge(enc.graphdef, enc.state), encoders.version_dir(self.root / "encoders", version), meta,
+        encoders.save(nnx.merge(enc.graphdef, enc.state), encoder_dir(self.root, version), meta,
                       reference=reference)
         with self._lock:
             self._metas[version] = meta
@@ -903,7 +986,8 @@ class Index:
         # when this version is switched to (now, or by a later rollback)
         self._sync_vectors(version)
         with self._lock:
-            self.catalog.update_version_meta(version, **_summary(meta))
+            self.catalog.update_version_meta(version, **_summary(meta),
+                                             **{CHECKPOINT_HASH: checkpoint_digest(encoder_dir(self.root, version))})
             self.catalog.set_version_state(version, "ready")
         if activate:
             self._switch(version, kind="activated")
@@ -928,7 +1012,7 @@ class Index:
         if info is None:
             raise StoreError(f"no encoder version {version}; see `streamsim versions`")
         if info["state"] in ("building", "rejected", "failed") or not encoders.is_complete(
-                encoders.version_dir(self.root / "encoders", version)):
+                encoder_dir(self.root, version)):
             raise StoreError(f"encoder version {version} cannot be activated (state {info['state']}); "
                              "choose a ready, retired or active version from `streamsim versions`")
         previous = self.active_version
@@ -985,118 +1069,6 @@ def _mean_error(encoder, pixels: np.ndarray) -> float:
     if len(pixels) == 0:
         return 0.0
     return float(np.mean(encoder.encode_with_error(pixels)[1]))
-
-
-def try_lock(path: Path):
-    """Take an exclusive ``flock`` on ``path`` (created if missing) and write our pid in it.
-
-    Returns ``(file, None)`` — the lock is held for as long as ``file`` stays open — or
-    ``(None, holder)`` when another process holds it (``holder``: the pid it wrote)."""
-    import fcntl
-
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        return None, holder
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
-    return f, None
-
-
-def _lock_builds(root: Path):
-    """Hold ``<store>/build.lock`` (one version build at a time per store) until closed."""
-    f, holder = try_lock(root / "build.lock")
-    if f is None:
-        raise StoreError(f"{root}: an encoder version is being built already (pid {holder}); "
-                         "wait for it (see `streamsim versions`)")
-    return f
-
-
-def file_stat(path: str) -> tuple[int, int] | None:
-    """``(size, mtime_ns)`` of a regular file, or ``None`` if it is gone or not a regular file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
-PARALLEL_LOAD_MIN = 512  # files; below this, starting worker processes costs more than it saves
-
-
-def _load_or_error(path):
-    try:
-        return images.load(path)
-    except images.ImageError as e:
-        return e
-
-
-def _exit_with_parent(parent: int) -> None:
-    """In a decoder worker: exit as soon as the process that started it is gone (even SIGKILLed),
-    so that no orphaned worker outlives a crashed watcher."""
-
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-def workers_allowed() -> bool:
-    """Whether worker processes may be, and are worth being, started here: not on one core; and
-    they are spawned, and a spawned process imports the main module of the program first, so a
-    script without an ``if __name__ == "__main__":`` guard would run again in every worker (and
-    the pool break). So: yes for an interactive session or ``python -c``, and for a main module
-    whose source has such a guard (the ``streamsim`` command, pytest, a well-formed script); no
-    otherwise — the work then runs in this process."""
-    if (os.cpu_count() or 1) < 2:
-        return False
-    main = sys.modules.get("__main__")
-    path = getattr(main, "__file__", None)
-    if path is None:
-        return True
-    try:
-        return "__main__" in Path(path).read_text(errors="replace")
-    except OSError:
-        return False
-
-
-def decoder_pool():
-    """Worker processes for decoding images (decoding holds the GIL, so threads do not help);
-    start them only where :func:`workers_allowed`."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    workers = min(os.cpu_count() or 1, 8)
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
-
-
-def _load_all(files: list[Path], pool=None):
-    """``(path, Loaded | ImageError)`` for each file, in order. Large batches are decoded in worker
-    processes (``pool``, or a pool made for the call) while this process stores."""
-    if pool is not None and len(files) >= 16:
-        yield from zip(files, pool.map(_load_or_error, files, chunksize=max(1, len(files) // 16)))
-        return
-    if len(files) < PARALLEL_LOAD_MIN or not workers_allowed():
-        for f in files:
-            yield f, _load_or_error(f)
-        return
-    with decoder_pool() as pool:
-        yield from zip(files, pool.map(_load_or_error, files, chunksize=64))
 
 
 def _summary(meta: dict[str, Any]) -> dict[str, Any]:

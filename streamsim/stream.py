@@ -45,7 +45,10 @@ from pathlib import Path
 from typing import Any
 
 from . import drift, images
-from .index import MIN_RECENT, BuildCancelled, decoder_pool, file_stat, try_lock, workers_allowed
+from .defaults import WATCH_RESCAN, WATCH_SETTLE
+from .index import MIN_RECENT, BuildCancelled
+from .store import file_stat, try_lock
+from .workers import Decoder
 
 # A file that appeared through an event but was never opened for writing here (moved in from
 # another folder, hard-linked) is complete; this short wait lets a writer's open event arrive first.
@@ -53,6 +56,9 @@ CREATED_SETTLE = 0.2
 POOL_MIN_BATCH = 64  # a batch this big starts worker processes for decoding (kept while watching)
 TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
 WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when the watcher starts
+ERROR_BACKOFF = 1.0  # seconds before a step that failed (full disk, locked catalog) is retried ...
+ERROR_BACKOFF_MAX = 60.0  # ... doubling each time up to this
+ONCE_ERRORS = 5  # `watch --once` gives up after this many such errors in a row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +66,9 @@ class WatchConfig:
     folder: Path
     recursive: bool = False
     patterns: tuple[str, ...] = ()  # file-name globs; default: the image suffixes streamsim reads
-    settle: float = 1.0  # seconds a rescan-found file must stay unchanged
+    settle: float = WATCH_SETTLE  # seconds a rescan-found file must stay unchanged
     open_timeout: float = 30.0  # seconds an open-for-writing file may stay silent before it is taken
-    rescan: float = 5.0  # seconds between rescans
+    rescan: float = WATCH_RESCAN  # seconds between rescans
     batch_files: int = 256
     batch_ms: float = 100.0
     use_events: bool = True
@@ -123,6 +129,14 @@ class WatchLockError(RuntimeError):
     """Another watcher holds this store."""
 
 
+class WatchError(RuntimeError):
+    """The watcher cannot go on (an error that is not about one file keeps coming back)."""
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def lock_store(root: Path):
     """Hold ``<store>/watch.lock`` for as long as the returned file stays open (one watcher per store)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -150,7 +164,9 @@ class Watcher:
         self._pending: dict[str, _Pending] = {}
         self._done: dict[str, tuple[int, int]] = index.catalog.journal()
         self._observer = None
-        self._pool = None
+        self._decoder = Decoder()
+        self._errors = 0  # errors in a row (not about one file): the retry waits longer each time
+        self._retry_at = 0.0
         self._monitor: drift.DriftMonitor | None = None
         self._alarm: tuple[drift.Alarm, float] | None = None  # waiting for its fine-tune to start
         self._build: threading.Thread | None = None
@@ -293,9 +309,10 @@ class Watcher:
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
         stats = {f[0]: (f[1], f[2]) for f in files}
         stored: list[tuple[int, str]] = []
-        if self._pool is None and len(files) >= POOL_MIN_BATCH and workers_allowed():
-            self._pool = decoder_pool()  # a bulk drop: decode in worker processes from now on
-        for outcome in self.index.ingest_files(files, pool=self._pool):
+        scores: dict[int, tuple[int, float]] = {}
+        if len(files) >= POOL_MIN_BATCH:
+            self._decoder.start()  # a bulk drop: decode in worker processes from now on
+        for outcome in self.index.ingest_files(files, decoder=self._decoder):
             if outcome.outcome == "busy":
                 p = self._pending.get(outcome.path)
                 if p is not None:
@@ -320,7 +337,10 @@ class Watcher:
             self.on_event(event)
             if outcome.outcome == "stored":
                 stored.append((outcome.id, outcome.path))
-        self._watch_drift(stored)
+                if outcome.score is not None:
+                    scores[outcome.id] = (outcome.version, outcome.score)
+        if stored:
+            self._feed(sorted(stored), scores)
 
     # -- drift ----------------------------------------------------------------------------------
 
@@ -335,10 +355,6 @@ class Watcher:
         active = self.index.active_version
         scores = {i: (v, z) for i, v, z in zip(s["id"].tolist(), s["version"].tolist(), s["score"].tolist()) if v == active}
         self._feed([(i, None) for i in scores], scores)
-
-    def _watch_drift(self, stored: list[tuple[int, str]]) -> None:
-        if stored:
-            self._feed(sorted(stored), self.index.catalog.scores_of(i for i, _ in stored))
 
     def _feed(self, items, scores: dict[int, tuple[int, float]]) -> None:
         for image_id, path in items:
@@ -404,32 +420,57 @@ class Watcher:
             self._reap_build(wait=True)
             self._build_stop.clear()
 
+    def _guarded(self, step: Callable[[], None]) -> bool:
+        """Run one step of the loop; an error that is not about one file (a full disk, a locked
+        or broken catalog, a bug) is reported as an ``error`` event and the step is retried later,
+        with the files it held still unacknowledged. Returns whether the step ran through."""
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - the watcher reports it and goes on
+            self._errors += 1
+            wait = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF * 2 ** (self._errors - 1))
+            self._retry_at = time.monotonic() + wait
+            self.on_event({"event": "error", "reason": f"{type(e).__name__}: {_one_line(e)}",
+                           "retry_in": round(wait, 1), "time": time.time()})
+            return False
+        self._errors = 0
+        return True
+
+    def _ingest_ready(self, stop: threading.Event | None) -> None:
+        batch = self.ready()
+        for start in range(0, len(batch), self.config.batch_files):
+            self.ingest(batch[start : start + self.config.batch_files])
+            if stop is not None and stop.is_set():
+                break
+
     def run_once(self, stop: threading.Event | None = None) -> None:
         """Ingest what is in the folder now (waiting for files still being written), then return
-        (early, after the batch in hand, once ``stop`` is set)."""
+        (early, after the batch in hand, once ``stop`` is set). An error that keeps coming back
+        (:data:`ONCE_ERRORS` times in a row) is raised."""
         self._warm_monitor()
         self.scan()
         try:
             while self._pending and not (stop is not None and stop.is_set()):
-                batch = self.ready()[: self.config.batch_files]
-                if batch:
-                    self.ingest(batch)
-                else:
+                batch = self.ready()[: self.config.batch_files] if time.monotonic() >= self._retry_at else []
+                if not batch:
                     time.sleep(0.05)
+                    continue
+                if not self._guarded(lambda: self.ingest(batch)) and self._errors >= ONCE_ERRORS:
+                    raise WatchError(f"giving up after {self._errors} errors in a row; the files not yet "
+                                     "stored are taken by the next run")
             if not (stop is not None and stop.is_set()):
                 self._maybe_start_build(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
                 self._reap_build(wait=True)
         finally:
             self._stop_build()
-            self._close_pool()
+            self._decoder.close()
             self.index.flush()
 
     def run(self, stop: threading.Event) -> None:
         """Watch until ``stop`` is set; then finish the batch in hand, save and return."""
         self._start_events()
-        if workers_allowed():
-            self._pool = decoder_pool()
-            self._pool.submit(int)  # start the workers now, so the first bulk drop does not wait for them
+        self._decoder.close()
+        self._decoder = Decoder(processes=True)  # started now, so the first bulk drop does not wait for them
         try:
             self._warm_monitor()
             self.scan()
@@ -442,28 +483,21 @@ class Watcher:
                 if now - last_scan >= self.config.rescan:
                     self.scan()
                     last_scan = now
+                if now < self._retry_at:
+                    continue
                 batch = self.ready()
                 if batch and len(batch) < self.config.batch_files:
                     # gather a little longer: a bulk drop is cheaper in one batch
                     deadline = time.monotonic() + self.config.batch_ms / 1000
                     while time.monotonic() < deadline and not stop.is_set():
                         self._drain_events(timeout=max(0.0, deadline - time.monotonic()))
-                    batch = self.ready()
-                for start in range(0, len(batch), self.config.batch_files):
-                    self.ingest(batch[start : start + self.config.batch_files])
-                    if stop.is_set():
-                        break
-                self._maybe_start_build()
+                if batch and not self._guarded(lambda: self._ingest_ready(stop)):
+                    continue
+                self._guarded(self._maybe_start_build)
                 self._reap_build()
-                self.index._maybe_save()
+                self._guarded(self.index.autosave)
         finally:
             self._stop_build()
             self._stop_events()
-            self._close_pool()
+            self._decoder.close()
             self.index.flush()
-
-    def _close_pool(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-

@@ -143,9 +143,9 @@ def test_train_new_version_and_rollback(tmp_path, digit_files, digits):
 def test_bulk_add_in_worker_processes(tmp_path, digits, monkeypatch):
     from conftest import write_pngs
 
-    import streamsim.index as index_module
+    import streamsim.workers as workers
 
-    monkeypatch.setattr(index_module, "PARALLEL_LOAD_MIN", 8)
+    monkeypatch.setattr(workers, "PARALLEL_LOAD_MIN", 8)
     files = write_pngs(tmp_path / "bulk", digits[0][:30])
     (tmp_path / "bulk" / "zz_bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "bulk" / "img0000_copy.png").write_bytes(files[0].read_bytes())
@@ -199,10 +199,10 @@ def test_an_unguarded_script_adds_many_files_in_one_process(tmp_path, digits):
         Image.fromarray(img).save(folder / f"{i}.png")
     script = tmp_path / "unguarded.py"
     script.write_text(
-        "import streamsim.index as I\n"
+        "import streamsim.workers as W\n"
         "from streamsim import Index\n"
         "print('TOP-LEVEL', flush=True)\n"
-        "I.PARALLEL_LOAD_MIN = 4\n"
+        "W.PARALLEL_LOAD_MIN = 4\n"
         f"with Index.open({str(tmp_path / 'store')!r}) as ix:\n"
         f"    print('STORED', ix.add_files([{str(folder)!r}]).files, len(ix), flush=True)\n")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)

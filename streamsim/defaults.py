@@ -1,0 +1,9 @@
+"""Defaults that the library and the ``streamsim`` command share (no imports: the command reads
+them before it loads anything heavy)."""
+
+DRIFT_WINDOW = 200  # images: the current drift score is the mean normalised score of the latest ones
+GATE_MARGIN = 0.10  # a fine-tune may raise the error on older (reference) images by this much, relative
+FINETUNE_STEPS = 800  # a fine-tune after drift: about this many optimiser steps over (recent + replay)
+WATCH_SETTLE = 1.0  # seconds a file found only by a rescan must stay unchanged before it is taken
+WATCH_RESCAN = 5.0  # seconds between the watcher's rescans of its folder
+DECODE_TIMEOUT = 5.0  # seconds one file may take to decode and normalise before it is failed
