@@ -208,12 +208,14 @@ class Catalog:
         return {r[0]: (int(r[1]), int(r[2])) for r in self._query("SELECT path, size, mtime_ns FROM journal")}
 
     def dangling_journal(self) -> list[dict[str, Any]]:
-        """Journal rows that say a file was stored, or stored as a duplicate, under an image the
-        catalog does not hold (or not under that path): ``path``, ``outcome``, ``image_id``."""
+        """Journal rows that say a file was stored, or stored as a duplicate, under an image id the
+        catalog never handed out (a catalog restored from an older copy, say): ``path``,
+        ``outcome``, ``image_id``. (An image removed since keeps its journal row on purpose: the
+        watcher must not take the file again.)"""
         return [dict(r) for r in self._query(
-            "SELECT j.path, j.outcome, j.image_id FROM journal j WHERE j.outcome IN ('stored', 'duplicate') "
-            "AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.image_id = j.image_id AND p.path = j.path) "
-            "ORDER BY j.path")]
+            "SELECT path, outcome, image_id FROM journal WHERE outcome IN ('stored', 'duplicate') AND "
+            "(image_id IS NULL OR image_id > COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'images'), 0)) "
+            "ORDER BY path")]
 
     def forget_journal(self, paths: Iterable[str]) -> int:
         """Drop these files' journal rows, so that a watcher takes them again; returns how many."""

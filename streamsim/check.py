@@ -72,8 +72,8 @@ def inspect(root: Path, catalog: Catalog) -> tuple[list[Problem], list[str]]:
     dangling = catalog.dangling_journal()
     if dangling:
         paths = tuple(r["path"] for r in dangling)
-        problems.append(Problem("journal", f"{len(paths)} journalled files name an image the catalog does not hold "
-                                           f"under that path (first: {paths[0]})", repairable=True, paths=paths))
+        problems.append(Problem("journal", f"{len(paths)} journalled files name an image the catalog never stored "
+                                           f"(first: {paths[0]}); a repair lets the watcher take them again", repairable=True, paths=paths))
     return problems, notes
 
 

@@ -309,11 +309,13 @@ class Index:
             recorded = self._record_missing_hashes() if repair else []
             problems, notes = check.inspect(self.root, self.catalog)
             repaired: list[dict[str, Any]] = []
-            if repair and any(p.repairable for p in problems):
-                for p in problems:
-                    if p.repairable:
-                        self._repair(p)
-                        repaired.append(p.to_dict())
+            for _ in range(3 if repair else 0):  # a repair may uncover more (vectors are looked at once
+                fixable = [p for p in problems if p.repairable]  # their encoder is sound)
+                if not fixable:
+                    break
+                for p in fixable:
+                    self._repair(p)
+                    repaired.append(p.to_dict())
                 problems, notes = check.inspect(self.root, self.catalog)
             notes = recorded + notes
         return {"ok": not problems, "problems": [p.to_dict() for p in problems], "repaired": repaired,

@@ -140,13 +140,15 @@ class Decoder:
 
     ``processes``: ``True`` keeps a pool running from the start (the watcher), ``None`` starts
     one for a batch of at least :data:`PARALLEL_LOAD_MIN` files and keeps it, ``False`` decodes
-    here. ``loader(path, timeout)`` is :func:`load_or_error` (tests pass one that crashes).
+    here. ``loader(path, timeout)`` is :func:`load_or_error` (a test passes one that crashes or
+    hangs: it must be importable by a spawned worker).
     Use as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, *, processes: bool | None = None, timeout: float | None = DECODE_TIMEOUT,
-                 loader: Callable = load_or_error, workers: int | None = None):
+                 loader: Callable = load_or_error, workers: int | None = None, grace: float = 10.0):
         self.timeout = timeout
+        self.grace = grace  # beyond the files' own time limits, how long a batch may take before its workers are killed
         self.loader = loader
         self.workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
         self._allowed = processes is not False and workers_allowed()
@@ -181,7 +183,7 @@ class Decoder:
                 yield f, self.loader(f, self.timeout)
 
     def _wait(self, chunk_len: int) -> float | None:
-        return None if self.timeout is None else self.timeout * chunk_len + 10.0
+        return None if self.timeout is None else self.timeout * chunk_len + self.grace
 
     def _pooled(self, files: list) -> Iterator[tuple]:
         from concurrent.futures import TimeoutError as FutureTimeout

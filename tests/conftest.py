@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from helpers import write_pngs
 
 
 @pytest.fixture(scope="session")
@@ -15,16 +16,6 @@ def digits():
     x, y = mnist_data()
     pick = np.random.default_rng(7).choice(len(x), 200, replace=False)
     return x[pick].reshape(-1, 28, 28).astype(np.uint8), y[pick]
-
-
-def write_pngs(folder, arrays, prefix="img"):
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, a in enumerate(arrays):
-        p = folder / f"{prefix}{i:04d}.png"
-        Image.fromarray(a).save(p)
-        paths.append(p)
-    return paths
 
 
 @pytest.fixture

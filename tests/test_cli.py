@@ -113,7 +113,7 @@ def test_a_damaged_catalog_is_a_one_line_error(tmp_path):
 
 
 def test_calibrate_the_duplicate_threshold_on_the_store(tmp_path, digits, digit_files):
-    from conftest import write_pngs
+    from helpers import write_pngs
 
     store = tmp_path / "store"
     run("add", str(digit_files[0].parent), store=store)

@@ -141,7 +141,7 @@ def test_train_new_version_and_rollback(tmp_path, digit_files, digits):
 
 
 def test_bulk_add_in_worker_processes(tmp_path, digits, monkeypatch):
-    from conftest import write_pngs
+    from helpers import write_pngs
 
     import streamsim.workers as workers
 

@@ -217,7 +217,7 @@ def test_a_crash_during_a_build_leaves_the_old_version_serving(drifted, tmp_path
 
 
 def test_watch_finds_the_drift_and_swaps_in_a_fine_tuned_version(tmp_path, tmp_path_factory, digits):
-    from conftest import write_pngs
+    from helpers import write_pngs
 
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     write_pngs(inbox, digits[0], prefix="a")
@@ -253,7 +253,7 @@ def test_watch_finds_the_drift_and_swaps_in_a_fine_tuned_version(tmp_path, tmp_p
 
 
 def test_watch_no_retrain_records_the_alarm_only(tmp_path, tmp_path_factory, digits):
-    from conftest import write_pngs
+    from helpers import write_pngs
 
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     write_pngs(inbox, digits[0][:100], prefix="a")
@@ -293,8 +293,8 @@ def test_cli_rollback_events_drift_and_errors(retrained, tmp_path):
 
 
 def test_live_watcher_swaps_in_the_background_while_other_processes_search(tmp_path, tmp_path_factory, digits):
-    from conftest import write_pngs
-    from test_watch import WatchProcess
+    from helpers import write_pngs
+    from helpers import WatchProcess
 
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     inbox.mkdir()

@@ -6,66 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from helpers import EXE, WatchProcess, png_bytes, status
 from streamsim import Index
-
-EXE = str(Path(sys.executable).parent / "streamsim")
-
-
-class WatchProcess:
-    def __init__(self, folder: Path, store: Path, *extra: str, env: dict | None = None):
-        self.proc = subprocess.Popen(
-            [EXE, "watch", str(folder), "--store", str(store), "--json", "--settle", "0.3", "--rescan", "0.5", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder.parent, env=env,
-        )
-        self.events: list[dict] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.events.append(json.loads(line))
-
-    def wait_for(self, predicate, timeout=60.0):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.events):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"timed out; events: {self.events[-5:]}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
-
-    def count(self, kind: str) -> int:
-        return sum(e["event"] == kind for e in self.events)
-
-    def stop(self, sig=signal.SIGTERM, timeout=15.0) -> int:
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=5)
-        return rc
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def status(store: Path) -> dict:
-    out = subprocess.run([EXE, "status", "--store", str(store), "--json"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
 
 def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
     inbox, store = tmp_path / "inbox", tmp_path / "store"

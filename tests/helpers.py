@@ -1,0 +1,109 @@
+"""Helpers the tests share: files made in ``tmp_path``, the ``streamsim`` command as users run it,
+and a loader for decoder workers that crashes or hangs on demand (importable by spawned workers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+EXE = str(Path(sys.executable).parent / "streamsim")
+
+
+class WatchProcess:
+    def __init__(self, folder: Path, store: Path, *extra: str, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [EXE, "watch", str(folder), "--store", str(store), "--json", "--settle", "0.3", "--rescan", "0.5", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=folder.parent, env=env,
+        )
+        self.events: list[dict] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    def wait_for(self, predicate, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.events):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"timed out; events: {self.events[-5:]}; stderr: {self.proc.stderr.read() if self.proc.poll() is not None else ''}")
+
+    def count(self, kind: str) -> int:
+        return sum(e["event"] == kind for e in self.events)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0) -> int:
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return rc
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def status(store: Path) -> dict:
+    out = subprocess.run([EXE, "status", "--store", str(store), "--json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def write_pngs(folder, arrays, prefix="img"):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(arrays):
+        p = folder / f"{prefix}{i:04d}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+def cli_json(*args: str, check: bool = True):
+    """Run ``streamsim ARGS --json`` in a real process; returns ``(exit code, parsed stdout)``."""
+    run = subprocess.run([EXE, *args, "--json"], capture_output=True, text=True, timeout=600)
+    if check and run.returncode not in (0, 1):
+        raise AssertionError(f"streamsim {' '.join(args)} exited {run.returncode}: {run.stderr[-2000:]}")
+    return run.returncode, (json.loads(run.stdout) if run.stdout.strip() else None)
+
+
+def misbehaving_loader(path, timeout):
+    """A decoder worker's loader that dies on files named ``*crash*``, hangs in the normaliser on
+    ``*slow*`` (the time limit must stop it) and hangs past any signal on ``*stuck*`` (only the
+    wait on the batch can); anything else loads as usual."""
+    from streamsim import images, workers
+
+    name = os.path.basename(str(path))
+    if "crash" in name:
+        os._exit(3)
+    if "stuck" in name:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(120)
+    if "slow" in name:
+        real = images._normalise_grey
+
+        def slow(*a, **k):
+            time.sleep(120)
+            return real(*a, **k)
+
+        images._normalise_grey = slow
+        try:
+            return workers.load_or_error(path, timeout)
+        finally:
+            images._normalise_grey = real
+    return workers.load_or_error(path, timeout)
