@@ -379,6 +379,12 @@ class DriftMonitor:
         self._cool = 0
         self.cooldown = cooldown
 
+    def cool_down(self) -> "DriftMonitor":
+        """Start the cool-down that follows an alarm (no alarm for ``cooldown`` images), as a
+        monitor resumed after one that raised an alarm must."""
+        self._cool = self.cooldown
+        return self
+
     def update(self, score: float, *, image_id: int | None = None, path: str | None = None) -> Alarm | None:
         """Feed one image's score; returns an :class:`Alarm` when a detector fires (at most one
         alarm per ``cooldown`` images, whichever detector fires first)."""

@@ -11,12 +11,16 @@ with ``C`` in 1, 3, 4.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import math
 import os
 import re
 import struct
+import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +63,11 @@ _SPECKLED = 0.005  # fraction of the image in isolated specks (salt-and-pepper) 
 _NOISE_FLOOR = 0.5 / 255  # paper noise (σ, 0..1 of the full range) below half a grey level is no noise
 
 NO_INK_LEFT = "no ink left after normalising (the marks are no stronger than the paper's noise)"
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+# Pillow logs what it skips in a damaged file (e.g. TIFF samples it cannot decode); with no handler
+# configured Python would print each on stderr: it reaches the application's logging, if any, only.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
+
 _SUPPORTED_TYPES_MSG = (
     "expected an image: a path (str or pathlib.Path), bytes, a binary file object, "
     "a PIL.Image.Image, or a numpy array [H, W] or [H, W, C] with C in (1, 3, 4)"
@@ -375,7 +384,8 @@ def _decode(data: bytes, source: str) -> np.ndarray:
             _too_large(source, *im.size, "decompression bomb")
             if im.tell() != 0:
                 im.seek(0)  # the first frame of a GIF / multi-page TIFF
-            im.load()
+            with _quiet_stderr() if data[:4] in _TIFF_MAGIC else contextlib.nullcontext():
+                im.load()  # libtiff writes what it finds wrong straight to file descriptor 2
             ImageOps.exif_transpose(im, in_place=True)
             return _pil_to_grey(im)
     except ImageError:
@@ -388,6 +398,29 @@ def _decode(data: bytes, source: str) -> np.ndarray:
     finally:
         if im is not None:
             im.close()
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Point file descriptor 2 at /dev/null for the block (libtiff prints its warnings there, past
+    Python), where that is safe: in the main thread of a process with a real stderr. Output other
+    threads write meanwhile is lost too, so the block is kept short (one image's decode)."""
+    try:
+        fd = sys.stderr.fileno() if sys.stderr is not None else -1
+    except (AttributeError, ValueError, OSError):
+        fd = -1
+    if fd != 2 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _bomb_size(err: Exception) -> str:

@@ -347,13 +347,16 @@ class Watcher:
     def _warm_monitor(self) -> None:
         """Feed the monitor what the last run would have seen: the active version's scores since
         the last drift alarm or version switch (at most ``WARM_SCORES``)."""
-        after = 0
+        after, alarmed = 0, False
         for e in self.index.catalog.events():
             if e["kind"] in ("activated", "rollback", "drift") and e["image_id"] is not None:
-                after = int(e["image_id"])
+                after, alarmed = int(e["image_id"]), e["kind"] == "drift"
         s = self.index.catalog.score_stream(after=after, last=WARM_SCORES)
         active = self.index.active_version
         scores = {i: (v, z) for i, v, z in zip(s["id"].tolist(), s["version"].tolist(), s["score"].tolist()) if v == active}
+        self._monitor = drift.DriftMonitor(version=active, normaliser=self.index.normaliser(active))
+        if alarmed:  # the last run was in the cool-down after that alarm, as this one is now
+            self._monitor.cool_down()
         self._feed([(i, None) for i in scores], scores)
 
     def _feed(self, items, scores: dict[int, tuple[int, float]]) -> None:

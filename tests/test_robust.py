@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +216,37 @@ def test_kills_during_train_rollback_and_add_lose_nothing(tmp_path, digits):
 def _count(store) -> int:
     with Catalog(store / "catalog.sqlite", readonly=True) as cat:
         return cat.count_images()
+
+
+@pytest.mark.slow
+def test_a_watcher_takes_500_mutated_files_and_every_good_one(tmp_path, digits):
+    from fuzz import mutated_inputs
+
+    inbox, store = tmp_path / "inbox", tmp_path / "store"
+    inbox.mkdir()
+    ext = {"png": ".png", "jpeg": ".jpg", "bmp": ".bmp", "gif": ".gif", "tiff": ".tif", "webp": ".webp"}
+    for i, (name, data) in enumerate(mutated_inputs(500, 11)):
+        (inbox / f"m{i:03d}{ext[name.split('-')[0]]}").write_bytes(data)
+    fixtures = [p for p in (Path(__file__).parent / "data" / "fuzz").iterdir() if p.suffix != ".md"]
+    for p in fixtures:  # every file that once broke the loader
+        (inbox / f"fixture_{p.name}").write_bytes(p.read_bytes())
+    good = write_pngs(inbox, digits[0][:20], prefix="good")
+
+    def watch_once():
+        run = subprocess.run([EXE, "watch", str(inbox), "--once", "--json", "--no-retrain", "--store", str(store)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stderr.strip() == ""  # no traceback, no decoder warning printed per file
+        return [json.loads(line) for line in run.stdout.splitlines()]
+
+    events = watch_once()
+    outcomes = {e["path"]: e["event"] for e in events if e["event"] in ("stored", "duplicate", "failed")}
+    assert len(outcomes) == 500 + len(fixtures) + len(good)
+    assert all(outcomes[str(g.resolve())] == "stored" for g in good)
+    assert all(e["reason"] for e in events if e["event"] == "failed")
+    assert events[-1]["event"] == "stopped" and "error" not in {e["event"] for e in events}
+    again = watch_once()  # a restart takes none of them again, good or bad
+    assert [e["event"] for e in again] == ["stopped"]
+    with Index.open(store) as index:
+        stored = sum(v == "stored" for v in outcomes.values())
+        assert len(index) == stored and index.check()["ok"]
