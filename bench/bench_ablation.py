@@ -63,7 +63,7 @@ def main(argv=None) -> int:
 
     from streamsim import encoders, evaluate
     from streamsim import train as T
-    from streamsim.index import build_meta
+    from streamsim.versions import build_meta
     from streamsim.model import DEFAULT_CONFIGS, Encoder, build
 
     pixels, digits, views_all = training_data(views=4)

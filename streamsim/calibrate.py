@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .model import Encoder
+from .search import unit
 
 DISTINCT_RATE = 0.01  # at most this fraction of distinct images may have a neighbour within the threshold
 COPY_QUANTILE = 0.99
@@ -32,10 +33,6 @@ def perturbed_copies(pixels: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, 
     from .perturb import copies, normalise_all
 
     return normalise_all(copies(pixels, seed=seed), pixels, frames=True)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
 
 
 def error_stats(errors: np.ndarray) -> dict[str, float]:
@@ -87,7 +84,7 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
     pixels = pool[pick]
     codes, errors = encoder.encode_with_error(pixels)
     ink = pixels.reshape(len(pixels), -1).mean(axis=1) / 255.0
-    pool_u = _unit(encoder(pool))
+    pool_u = unit(encoder(pool))
     dup = slice(0, min(DUPLICATE_SAMPLE, len(pixels)))
     own = pick[dup]
 
@@ -98,11 +95,11 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
 
     # copies: the excess over their own original, when it is among the candidates checked
     copy_px, copy_frames = perturbed_copies(pixels[dup], seed=seed)
-    keys, dist = nearest(1.0 - _unit(encoder(copy_px)) @ pool_u.T)
+    keys, dist = nearest(1.0 - unit(encoder(copy_px)) @ pool_u.T)
     copy_rows = verify.check(copy_frames, keys, dist, lambda ids: pool[ids])
     copy_ex = np.array([min([e for key, _, _, e in row if key == own[i]], default=MISSED) for i, row in enumerate(copy_rows)])
     # distinct images: the smallest excess over any other stored image (exact pixel twins are identical, not near)
-    d = 1.0 - _unit(codes[dup]) @ pool_u.T
+    d = 1.0 - unit(codes[dup]) @ pool_u.T
     where: dict[bytes, list[int]] = {}
     for j, p in enumerate(pool):
         where.setdefault(p.tobytes(), []).append(j)
@@ -154,3 +151,39 @@ def calibrate(encoder: Encoder, pixels: np.ndarray, *, seed: int = 0, sample: in
             "sample": int(len(own)), "pool": len(pool), "seed": seed,
         },
     }
+
+
+MIN_STORE_CALIBRATION = 100  # stored images, at least, to calibrate the duplicate rule on a store
+STORE_CALIBRATION_FLOOR = 0.5  # a store's own calibration may lower the version's threshold to this share, not below
+
+
+def calibrate_store(store, *, seed: int = 0) -> dict[str, Any]:
+    """Recalibrate the active version's duplicate threshold on the store's own images (see
+    :meth:`streamsim.index.Index.calibrate_duplicates`), record it with the version, return it."""
+    import time
+
+    from . import verify
+    from .search import version_threshold
+    from .store import StoreError
+
+    version = store.active_version
+    ids = store.catalog.ids()
+    if len(ids) < MIN_STORE_CALIBRATION:
+        raise StoreError(f"calibrating on the store needs at least {MIN_STORE_CALIBRATION} stored images; "
+                         f"it holds {len(ids)}")
+    pick = np.sort(np.random.default_rng(seed).choice(ids, min(POOL, len(ids)), replace=False))
+    cal = calibrate(store.encoder(version), store.catalog.pixels(pick.tolist()), seed=seed)
+    base = version_threshold(store, version)
+    measured = float(cal["duplicate_threshold"])
+    dc = cal["duplicate_calibration"]
+    record = {
+        "method": verify.METHOD, "version": version,
+        "threshold": float(np.clip(measured, STORE_CALIBRATION_FLOOR * base, base)),
+        "measured": measured, "version_threshold": base, "images": int(len(ids)),
+        "sample": dc["sample"], "pool": dc["pool"], "seed": seed,
+        "copy_recall": dc["copy_recall"], "distinct_within": dc["distinct_within"],
+        "noisy_distinct_within": dc["noisy_distinct_within"], "created": time.time(),
+    }
+    store.catalog.update_version_meta(version, store_calibration=record, duplicate_threshold=record["threshold"])
+    store.catalog.add_event("calibrated", version=version, detail={k: record[k] for k in ("threshold", "measured", "images")})
+    return record

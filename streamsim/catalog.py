@@ -22,7 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from .defaults import PIXELS_SHAPE
+
 CATALOG_FILE = "catalog.sqlite"  # inside the store folder
+IN_CHUNK = 500  # ids per "IN (...)" query (SQLite binds at most 999 parameters in older builds)
 SCHEMA_VERSION = 1
 # building: being trained or indexed; ready: complete, not active; active: serving searches;
 # retired: its index file was pruned (the checkpoint stays; rollback rebuilds the index);
@@ -175,7 +178,7 @@ class Catalog:
         with self.transaction() as db:
             for (digest, pixels, path), stat, score in zip(records, journal, scores):
                 px = np.ascontiguousarray(pixels, np.uint8)
-                if px.shape != (28, 28):
+                if px.shape != PIXELS_SHAPE:
                     raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
                 row = db.execute("SELECT id FROM images WHERE digest = ?", (digest,)).fetchone()
                 if row is not None:
@@ -249,30 +252,27 @@ class Catalog:
         paths = [p[0] for p in self._query("SELECT path FROM paths WHERE image_id = ? ORDER BY added, path", (r["id"],))]
         return {"id": int(r["id"]), "path": r["path"], "paths": paths, "added": r["added"], "digest": r["digest"]}
 
+    def _by_ids(self, sql: str, ids: list[int]) -> Iterator[sqlite3.Row]:
+        """Rows of ``sql`` (with one ``IN ({marks})`` placeholder) for ``ids``, queried in chunks
+        that stay under SQLite's limit on bound parameters."""
+        for start in range(0, len(ids), IN_CHUNK):
+            chunk = ids[start : start + IN_CHUNK]
+            yield from self._query(sql.format(marks=",".join("?" * len(chunk))), chunk)
+
     def first_paths(self, ids: Iterable[int]) -> dict[int, str | None]:
-        ids = [int(i) for i in ids]
-        out: dict[int, str | None] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT id, path FROM images WHERE id IN ({marks})", chunk):
-                out[int(r[0])] = r[1]
-        return out
+        """``id -> the first path it was stored under`` for the stored ones of ``ids``."""
+        return {int(r[0]): r[1] for r in self._by_ids("SELECT id, path FROM images WHERE id IN ({marks})",
+                                                         [int(i) for i in ids])}
 
     def pixels(self, ids: Iterable[int]) -> np.ndarray:
         """Pixels ``uint8 [N, 28, 28]`` for the given ids, in that order (KeyError for a missing id)."""
         ids = [int(i) for i in ids]
-        found: dict[int, bytes] = {}
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT id, pixels FROM images WHERE id IN ({marks})", chunk):
-                found[int(r[0])] = r[1]
+        found = {int(r[0]): r[1] for r in self._by_ids("SELECT id, pixels FROM images WHERE id IN ({marks})", ids)}
         missing = [i for i in ids if i not in found]
         if missing:
             raise KeyError(f"no stored image with id {missing[0]}")
         buf = b"".join(found[i] for i in ids)
-        return np.frombuffer(buf, np.uint8).reshape(len(ids), 28, 28).copy()
+        return np.frombuffer(buf, np.uint8).reshape(len(ids), *PIXELS_SHAPE).copy()
 
     def iter_pixels(self, *, batch: int = 4096, after: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored image as ``(ids int64 [n], pixels uint8 [n, 28, 28])`` batches, by id."""
@@ -282,7 +282,7 @@ class Catalog:
             if not rows:
                 return
             ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-            px = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(len(rows), 28, 28).copy()
+            px = np.frombuffer(b"".join(r[1] for r in rows), np.uint8).reshape(len(rows), *PIXELS_SHAPE).copy()
             yield ids, px
             last = int(ids[-1])
 
@@ -291,12 +291,7 @@ class Catalog:
 
     def existing_ids(self, ids: Iterable[int]) -> list[int]:
         """Which of ``ids`` are stored."""
-        ids = [int(i) for i in ids]
-        found: list[int] = []
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            found += [int(r[0]) for r in self._query(f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk)]
-        return found
+        return [int(r[0]) for r in self._by_ids("SELECT id FROM images WHERE id IN ({marks})", [int(i) for i in ids])]
 
     def ids(self) -> np.ndarray:
         rows = self._query("SELECT id FROM images ORDER BY id")
@@ -385,14 +380,8 @@ class Catalog:
 
     def scores_of(self, ids: Iterable[int]) -> dict[int, tuple[int, float]]:
         """``id -> (version, score)`` for the given images (those with a recorded score)."""
-        ids = [int(i) for i in ids]
-        out: dict[int, tuple[int, float]] = {}
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            marks = ",".join("?" * len(chunk))
-            for r in self._query(f"SELECT image_id, version, score FROM scores WHERE image_id IN ({marks})", chunk):
-                out[int(r[0])] = (int(r[1]), float(r[2]))
-        return out
+        rows = self._by_ids("SELECT image_id, version, score FROM scores WHERE image_id IN ({marks})", [int(i) for i in ids])
+        return {int(r[0]): (int(r[1]), float(r[2])) for r in rows}
 
     # -- versions ----------------------------------------------------------------------------
 

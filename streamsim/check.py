@@ -20,9 +20,7 @@ import numpy as np
 
 from . import encoders
 from .catalog import Catalog
-from .store import checkpoint_digest, encoder_dir, try_lock, vectors_path
-
-CHECKPOINT_HASH = "checkpoint_sha256"  # the key of a version's recorded checkpoint hash (catalog meta)
+from .store import CHECKPOINT_HASH, checkpoint_digest, encoder_dir, try_lock, vectors_path
 SERVED = ("ready", "active", "retired")  # states whose checkpoint must be whole
 
 
@@ -132,3 +130,70 @@ def _vector_problems(root: Path, catalog: Catalog, version: int, notes: list[str
         out.append(Problem("vectors", f"version {version}'s index holds {len(stray)} keys of no stored image "
                                       f"(first: {int(stray[0])})", version, repairable=True))
     return out
+
+
+def run(store, *, repair: bool = False) -> dict[str, Any]:
+    """Whether the store is whole: ``{"ok", "problems", "repaired", "notes", "images",
+    "active_version"}``, each problem ``{"kind", "detail", "version", "repairable"}``. With
+    ``repair``, what can be derived is rebuilt — the active vectors from the catalog's pixels, a
+    dead build discarded, journal rows that name no stored image dropped (the watcher takes those
+    files again), the shipped encoder copied afresh — and the store checked again; ``problems``
+    then lists what is still wrong. Never deletes an image, a path or a checkpoint (a damaged copy
+    of the shipped encoder is moved aside)."""
+    with store.lock:
+        recorded = record_missing_hashes(store) if repair else []
+        problems, notes = inspect(store.root, store.catalog)
+        repaired: list[dict[str, Any]] = []
+        for _ in range(3 if repair else 0):  # a repair may uncover more: vectors are inspected once
+            fixable = [p for p in problems if p.repairable]  # their encoder is sound
+            if not fixable:
+                break
+            for p in fixable:
+                repair_one(store, p)
+                repaired.append(p.to_dict())
+            problems, notes = inspect(store.root, store.catalog)
+    return {"ok": not problems, "problems": [p.to_dict() for p in problems], "repaired": repaired,
+            "notes": recorded + notes, "images": store.catalog.count_images(),
+            "active_version": store.catalog.active_version()}
+
+
+def repair_one(store, problem: Problem) -> None:
+    """Rebuild what ``problem`` lacks from what the store still has."""
+    import os
+    import time
+
+    from . import versions
+
+    if problem.kind == "half_built":
+        versions.discard_dead_builds(store)
+    elif problem.kind == "journal":
+        store.catalog.forget_journal(problem.paths)
+    elif problem.kind == "checkpoint":  # only the shipped encoder's is repairable
+        d = encoder_dir(store.root, problem.version)
+        if d.exists():
+            os.replace(d, d.with_name(f".{d.name}.damaged-{int(time.time())}"))
+        encoders.copy_shipped(d.parent, problem.version)
+        store.forget(problem.version)
+    elif problem.kind == "vectors":
+        from .vectors import Vectors
+
+        path = vectors_path(store.root, problem.version)
+        with store.lock:
+            if path.exists():
+                try:
+                    Vectors.open(path, store.encoder(problem.version).dim)
+                except ValueError:  # unreadable: set it aside and build it afresh
+                    os.replace(path, path.with_name(f".{path.name}.damaged-{int(time.time())}"))
+            store.forget(problem.version)
+            store.reconcile()
+
+
+def record_missing_hashes(store) -> list[str]:
+    """Record the checkpoint hash of versions that have none (made by an older release)."""
+    notes = []
+    for v in store.catalog.versions():
+        d = encoder_dir(store.root, v["version"])
+        if v["state"] in SERVED and CHECKPOINT_HASH not in v["meta"] and encoders.is_complete(d):
+            store.catalog.update_version_meta(v["version"], **{CHECKPOINT_HASH: checkpoint_digest(d)})
+            notes.append(f"recorded the hash of version {v['version']}'s checkpoint")
+    return notes

@@ -1,6 +1,8 @@
 """Defaults that the library and the ``streamsim`` command share (no imports: the command reads
 them before it loads anything heavy)."""
 
+SIDE = 28  # pixels are SIDE × SIDE: the one home of the number (MNIST's convention)
+PIXELS_SHAPE = (SIDE, SIDE)
 DRIFT_WINDOW = 200  # images: the current drift score is the mean normalised score of the latest ones
 GATE_MARGIN = 0.10  # a fine-tune may raise the error on older (reference) images by this much, relative
 FINETUNE_STEPS = 800  # a fine-tune after drift: about this many optimiser steps over (recent + replay)

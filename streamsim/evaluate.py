@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .perturb import PERTURBATIONS, normalise_all, perturb
+from .search import unit
 
 CONDITIONS = ("clean", *PERTURBATIONS)
 METRICS = ("p_at_10", "map", "recall_at_100")
@@ -105,11 +106,6 @@ def ranking_metrics(ranked_labels: np.ndarray, query_labels: np.ndarray, relevan
 # -- methods ----------------------------------------------------------------------------------
 
 
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, np.float32).reshape(len(v), -1)
-    return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
-
-
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of the ``k`` highest scores per row, best first."""
     k = min(k, scores.shape[1])
@@ -130,8 +126,13 @@ class Baseline:
         if self.hamming:  # boolean hashes: fewer differing bits is closer
             scores = (queries.astype(np.float32) * 2 - 1) @ (stored.astype(np.float32) * 2 - 1).T
         else:
-            scores = _unit(queries) @ _unit(stored).T
+            scores = _flat_unit(queries) @ _flat_unit(stored).T
         return _top(scores, k)
+
+
+def _flat_unit(v: np.ndarray) -> np.ndarray:
+    """Each item (an image or a code) flattened to a float32 row of unit length."""
+    return unit(np.asarray(v, np.float32).reshape(len(v), -1))
 
 
 def _phash(raw: np.ndarray, _px: np.ndarray) -> np.ndarray:
@@ -219,7 +220,7 @@ def _scores(ranked: np.ndarray, labels: np.ndarray, qlabels: np.ndarray, relevan
 
 def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000, seed: int = 0,
              checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None,
-             calibrate_store: bool = False, parallel: bool = False) -> dict[str, Any]:
+             calibrate_store: bool = False, parallel: bool = False, policy=None) -> dict[str, Any]:
     """Measure streamsim and the baselines on labelled images; returns the report (see module doc).
 
     ``checkpoint`` is an encoder folder to evaluate (default: the shipped encoder).
@@ -228,6 +229,8 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     ``parallel``: perturb and normalise the queries of a large run (≥ :data:`PARALLEL_MIN` images)
     in worker processes, as ``streamsim eval`` does (where :func:`streamsim.workers.workers_allowed`:
     a script needs the ``if __name__ == "__main__":`` guard). The report is the same either way.
+    ``policy``: how streamsim's search modes rank (:class:`~streamsim.search.SearchPolicy`;
+    default the product's).
     """
     from .index import Index
 
@@ -284,7 +287,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
             import shutil
 
             shutil.copytree(src, encoders.version_dir(Path(d) / "encoders", 1), ignore=shutil.ignore_patterns("*.md", "*.py"))
-        with Index.open(d) as index:
+        with Index.open(d, **({"policy": policy} if policy is not None else {})) as index:
             ids = np.asarray(index.add_many(raw_s), np.int64)
             pos = np.full(int(ids.max()) + 1, -1, np.int64)
             pos[ids] = np.arange(len(ids))

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-SIDE = 28
+from .defaults import SIDE
+
 N_PIXELS = SIDE * SIDE
 
 ARCHITECTURES = ("dense", "mlp", "conv")

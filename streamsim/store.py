@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +157,210 @@ def failures(root: str | os.PathLike) -> list[dict[str, Any]]:
     """Files that could not be stored: ``path``, ``reason``, ``time``."""
     with Catalog.of_store(Path(root), readonly=True) as cat:
         return [{"path": r["path"], "reason": r["reason"], "time": r["time"]} for r in cat.failures()]
+
+
+CHECKPOINT_HASH = "checkpoint_sha256"  # the key of a version's recorded checkpoint hash (catalog meta)
+SAVE_INTERVAL_S = 2.0  # vectors are written at most this long after an add (the catalog at once)
+ENCODE_CHUNK = 4096  # images encoded at a time when vectors are built from the catalog
+
+
+class Store:
+    """An open store: its catalog, and the encoder versions and vectors loaded from it (cached).
+
+    The parts of the library share one: :class:`~streamsim.index.Index` (the facade), the search
+    modes (:mod:`streamsim.search`), the version lifecycle (:mod:`streamsim.versions`) and ingest
+    (:mod:`streamsim.ingest`). Methods are thread-safe (one re-entrant ``lock``).
+    """
+
+    def __init__(self, root: Path, catalog: Catalog):
+        self.root = Path(root)
+        self.catalog = catalog
+        self.lock = threading.RLock()
+        self._encoders: dict[int, Any] = {}
+        self._metas: dict[int, dict] = {}
+        self._normalisers: dict[int, Any] = {}
+        self._vectors = None
+        self._vectors_version: int | None = None
+        self._last_save = time.monotonic()
+        self._known_max = 0  # every image id up to this one is in the active vectors
+
+    # -- versions and encoders -------------------------------------------------------------------
+
+    @property
+    def active_version(self) -> int:
+        v = self.catalog.active_version()
+        if v is None:
+            raise StoreError(f"{self.root}: no active encoder version")
+        return v
+
+    def bootstrap(self) -> None:
+        """Give a new store the shipped encoder as version 1, and an active version."""
+        from . import encoders
+
+        encoders_dir(self.root).mkdir(parents=True, exist_ok=True)
+        vectors_dir(self.root).mkdir(exist_ok=True)
+        if self.catalog.active_version() is not None:
+            return
+        with self.lock:
+            if not self.catalog.versions():
+                d = encoders.copy_shipped(encoders_dir(self.root), 1)
+                meta = encoders.read_meta(d)
+                # another process may be bootstrapping the same store: first one wins
+                self.catalog.add_version(1, state="ready", parent=None, reason="shipped",
+                                         meta={**summary(meta), CHECKPOINT_HASH: checkpoint_digest(d)}, if_missing=True)
+            ready = [v["version"] for v in self.catalog.versions() if v["state"] in ("ready", "active")]
+            if not ready:
+                raise StoreError(f"{self.root}: no usable encoder version; see `streamsim versions`")
+            self.catalog.activate(max(ready))
+
+    def meta(self, version: int) -> dict[str, Any]:
+        """The metadata recorded with ``version``'s checkpoint, cached."""
+        from . import encoders
+
+        if version not in self._metas:
+            self._metas[version] = encoders.read_meta(encoder_dir(self.root, version))
+        return self._metas[version]
+
+    def normaliser(self, version: int | None = None):
+        """How ``version`` (default: the active one) turns reconstruction error into a drift score."""
+        from . import drift
+
+        version = self.active_version if version is None else int(version)
+        if version not in self._normalisers:
+            self._normalisers[version] = drift.Normaliser.from_meta(self.meta(version))
+        return self._normalisers[version]
+
+    def encoder(self, version: int | None = None):
+        """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
+        from . import encoders
+        from .model import Encoder
+
+        version = self.active_version if version is None else int(version)
+        with self.lock:
+            if version not in self._encoders:
+                model, meta = encoders.load(encoder_dir(self.root, version))
+                self._metas[version] = meta
+                self._encoders[version] = Encoder(model)
+            return self._encoders[version]
+
+    def remember(self, version: int, encoder, meta: dict[str, Any]) -> None:
+        """Cache a version just trained (its encoder and metadata)."""
+        with self.lock:
+            self._metas[version] = meta
+            self._encoders[version] = encoder
+
+    def forget(self, version: int) -> None:
+        """Drop what is cached of ``version`` (its files were removed or replaced)."""
+        with self.lock:
+            self._encoders.pop(version, None)
+            self._metas.pop(version, None)
+            self._normalisers.pop(version, None)
+            if self._vectors_version == version:
+                self._vectors, self._vectors_version, self._known_max = None, None, 0
+
+    # -- vectors ---------------------------------------------------------------------------------
+
+    def vectors(self, version: int):
+        """The :class:`~streamsim.vectors.Vectors` of ``version``, loaded (one version's at a time)."""
+        from .vectors import Vectors
+
+        with self.lock:
+            if self._vectors_version != version:
+                if self._vectors is not None and self._vectors.dirty:
+                    self._vectors.save()
+                self._vectors = Vectors.open(vectors_path(self.root, version), self.encoder(version).dim)
+                self._vectors_version = version
+                self._known_max = 0  # another version's file: check every id again (cheap: contains)
+            return self._vectors
+
+    def encode_into(self, vectors, ids, version: int) -> None:
+        """Encode the stored images ``ids`` with ``version`` and add them to ``vectors``."""
+        enc = self.encoder(version)
+        for start in range(0, len(ids), ENCODE_CHUNK):
+            chunk = ids[start : start + ENCODE_CHUNK]
+            vectors.add(chunk, enc(self.catalog.pixels(chunk)))
+
+    def sync_vectors(self, version: int):
+        """Make ``version``'s vectors hold exactly the catalog's images, and write them.
+
+        Only the missing images are read and encoded; ids the catalog no longer has are removed.
+        Returns the :class:`~streamsim.vectors.Vectors` (the loaded one when ``version`` is loaded)
+        and the highest image id it now holds.
+        """
+        import numpy as np
+
+        from .vectors import Vectors
+
+        path = vectors_path(self.root, version)
+        vectors = self._vectors if self._vectors_version == version else Vectors.open(path, self.encoder(version).dim)
+        stored = self.catalog.ids()
+        have = vectors.keys().astype(np.int64)
+        extra = np.setdiff1d(have, stored)
+        if len(extra):
+            vectors.remove(extra)
+        self.encode_into(vectors, np.setdiff1d(stored, have), version)
+        if vectors.dirty or not path.exists():
+            vectors.dirty = True
+            vectors.save()
+        return vectors, int(stored.max()) if len(stored) else 0
+
+    def reconcile(self) -> None:
+        """Bring the active version's vectors in line with the catalog (after a crash, say)."""
+        with self.lock:
+            _, self._known_max = self.sync_vectors(self.active_version)
+
+    def catch_up(self, version: int) -> None:
+        """Make images stored by another process (a watcher, say) searchable here at once.
+
+        Cheap when nothing changed: one ``MAX(id)`` query. New ids are encoded from the catalog's
+        pixels and added in memory (the writer saves the vector file on its own schedule)."""
+        import numpy as np
+
+        top = self.catalog.max_image_id()
+        if top <= self._known_max:
+            return
+        vectors = self.vectors(version)
+        if not vectors.dirty:
+            vectors.reload_if_changed()
+        ids = np.asarray(self.catalog.ids_after(self._known_max), np.int64)
+        missing = ids[~vectors.contains(ids)] if len(ids) else ids
+        self.encode_into(vectors, missing, version)
+        self._known_max = top
+
+    def switch(self, version: int, *, kind: str, detail: dict | None = None) -> None:
+        """Make ``version`` active: its vectors brought up to date, then the pointer moved in one
+        catalog transaction (``kind``: the event recorded, ``activated`` or ``rollback``)."""
+        with self.lock:
+            vectors, _ = self.sync_vectors(version)
+            if self._vectors is not None and self._vectors is not vectors and self._vectors.dirty:
+                self._vectors.save()
+            self.catalog.activate(version, kind=kind, detail=detail)
+            self._vectors, self._vectors_version, self._known_max = vectors, version, 0
+            self.catch_up(version)
+
+    def flush(self) -> None:
+        """Write the loaded vectors now if they changed."""
+        with self.lock:
+            if self._vectors is not None and self._vectors.dirty:
+                self._vectors.save()
+            self._last_save = time.monotonic()
+
+    def autosave(self) -> None:
+        """Write the loaded vectors if they changed and the last write is :data:`SAVE_INTERVAL_S` old."""
+        if time.monotonic() - self._last_save >= SAVE_INTERVAL_S:
+            self.flush()
+
+    def close(self) -> None:
+        """Write pending vectors and close the catalog."""
+        with self.lock:
+            try:
+                if self._vectors is not None and self._vectors.dirty:
+                    self._vectors.save()
+            finally:
+                self.catalog.close()
+
+
+def summary(meta: dict[str, Any]) -> dict[str, Any]:
+    """What of a checkpoint's metadata the catalog keeps with its version (for `versions`)."""
+    keys = ("arch", "config", "training", "duplicate_threshold", "final_loss", "version_of", "validation")
+    return {k: meta[k] for k in keys if k in meta}

@@ -44,9 +44,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import drift, images
+from . import images
 from .defaults import WATCH_RESCAN, WATCH_SETTLE
-from .index import MIN_RECENT, BuildCancelled
+from .adapt import MIN_NEW, RETRAIN_WAIT, Adapter
 from .store import file_stat, try_lock
 from .workers import Decoder
 
@@ -55,7 +55,6 @@ from .workers import Decoder
 CREATED_SETTLE = 0.2
 POOL_MIN_BATCH = 64  # a batch this big starts worker processes for decoding (kept while watching)
 TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
-WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when the watcher starts
 ERROR_BACKOFF = 1.0  # seconds before a step that failed (full disk, locked catalog) is retried ...
 ERROR_BACKOFF_MAX = 60.0  # ... doubling each time up to this
 ONCE_ERRORS = 5  # `watch --once` gives up after this many such errors in a row
@@ -74,8 +73,8 @@ class WatchConfig:
     use_events: bool = True
     retrain: bool = True  # fine-tune in the background after a drift alarm
     keep: int | None = None  # index files to keep after a swap (see Index.prune); None: all
-    min_new: int = 256  # images since the estimated change point before a fine-tune starts ...
-    retrain_wait: float = 30.0  # ... or this many seconds after the alarm, whichever comes first
+    min_new: int = MIN_NEW  # images since the estimated change point before a fine-tune starts ...
+    retrain_wait: float = RETRAIN_WAIT  # ... or this many seconds after the alarm, whichever comes first
 
 
 @dataclasses.dataclass
@@ -167,11 +166,8 @@ class Watcher:
         self._decoder = Decoder()
         self._errors = 0  # errors in a row (not about one file): the retry waits longer each time
         self._retry_at = 0.0
-        self._monitor: drift.DriftMonitor | None = None
-        self._alarm: tuple[drift.Alarm, float] | None = None  # waiting for its fine-tune to start
-        self._build: threading.Thread | None = None
-        self._build_outcome: dict[str, Any] | None = None
-        self._build_stop = threading.Event()
+        self.adapter = Adapter(index, self.on_event, retrain=self.config.retrain, keep=self.config.keep,
+                               min_new=self.config.min_new, retrain_wait=self.config.retrain_wait)
 
     # -- seeing files -------------------------------------------------------------------------
 
@@ -203,7 +199,7 @@ class Watcher:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def _offer(self, path: str, kind: str, now: float) -> None:
+    def offer(self, path: str, kind: str, now: float) -> None:
         if not wanted(os.path.basename(path), self.config.patterns):
             return
         folder = str(self.config.folder)
@@ -255,7 +251,7 @@ class Watcher:
             for name in files:
                 path = os.path.join(root, name)
                 if path not in self._pending:
-                    self._offer(path, "scan", now)
+                    self.offer(path, "scan", now)
 
     def _drain_events(self, timeout: float) -> None:
         now = time.monotonic()
@@ -267,7 +263,7 @@ class Watcher:
             if kind == "rescan":
                 self.scan()
             else:
-                self._offer(path, kind, now)
+                self.offer(path, kind, now)
             try:
                 kind, path = self._events.get_nowait()
             except queue.Empty:
@@ -340,88 +336,7 @@ class Watcher:
                 if outcome.score is not None:
                     scores[outcome.id] = (outcome.version, outcome.score)
         if stored:
-            self._feed(sorted(stored), scores)
-
-    # -- drift ----------------------------------------------------------------------------------
-
-    def _warm_monitor(self) -> None:
-        """Feed the monitor what the last run would have seen: the active version's scores since
-        the last drift alarm or version switch (at most ``WARM_SCORES``)."""
-        after, alarmed = 0, False
-        for e in self.index.catalog.events():
-            if e["kind"] in ("activated", "rollback", "drift") and e["image_id"] is not None:
-                after, alarmed = int(e["image_id"]), e["kind"] == "drift"
-        s = self.index.catalog.score_stream(after=after, last=WARM_SCORES)
-        active = self.index.active_version
-        scores = {i: (v, z) for i, v, z in zip(s["id"].tolist(), s["version"].tolist(), s["score"].tolist()) if v == active}
-        self._monitor = drift.DriftMonitor(version=active, normaliser=self.index.normaliser(active))
-        if alarmed:  # the last run was in the cool-down after that alarm, as this one is now
-            self._monitor.cool_down()
-        self._feed([(i, None) for i in scores], scores)
-
-    def _feed(self, items, scores: dict[int, tuple[int, float]]) -> None:
-        for image_id, path in items:
-            if image_id not in scores:
-                continue
-            version, score = scores[image_id]
-            if self._monitor is None or self._monitor.version != version:
-                self._monitor = drift.DriftMonitor(version=version, normaliser=self.index.normaliser(version))
-            alarm = self._monitor.update(score, image_id=image_id, path=path)
-            if alarm is not None:
-                self._on_alarm(alarm, version)
-
-    def _on_alarm(self, alarm: drift.Alarm, version: int) -> None:
-        path = alarm.path
-        if path is None and alarm.image_id is not None:
-            path = (self.index.get(alarm.image_id) or {}).get("path")
-        detail = {"detector": alarm.detector, "score": round(alarm.score, 4), "statistic": round(alarm.statistic, 4),
-                  "change_image_id": alarm.change_image_id}
-        self.index.catalog.add_event("drift", version=version, image_id=alarm.image_id, path=path, detail=detail)
-        self.on_event({"event": "drift", "version": version, "id": alarm.image_id, "path": path, **detail,
-                       "time": time.time()})
-        if self.config.retrain and self._build is None:
-            self._alarm = (alarm, time.monotonic())
-
-    def _maybe_start_build(self, *, now: bool = False) -> None:
-        """Start the fine-tune for the pending alarm once enough images have arrived since it."""
-        if self._alarm is None or self._build is not None:
-            return
-        alarm, at = self._alarm
-        since = alarm.change_image_id or alarm.image_id or 1
-        new = self.index.catalog.count_images_from(since)
-        waited = time.monotonic() - at >= self.config.retrain_wait
-        if new < MIN_RECENT or not (now or waited or new >= self.config.min_new):
-            return
-        self._alarm = None
-        self.on_event({"event": "retraining", "since": since, "images": new, "time": time.time()})
-
-        def work():
-            try:
-                r = self.index.retrain(since=since, reason="drift", keep=self.config.keep, stop=self._build_stop)
-                self._build_outcome = {"event": r.state if r.state == "rejected" else "activated", "version": r.version,
-                                       "seconds": round(r.seconds, 2), "validation": r.validation,
-                                       **({"reason": r.rejected_because} if r.rejected_because else {})}
-            except BuildCancelled:
-                self._build_outcome = {"event": "build_cancelled"}
-            except Exception as e:  # noqa: BLE001 - the watcher reports it and goes on ingesting
-                self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}"}
-
-        self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
-        self._build.start()
-
-    def _reap_build(self, *, wait: bool = False) -> None:
-        if self._build is None or (self._build.is_alive() and not wait):
-            return
-        self._build.join()
-        self._build = None
-        outcome, self._build_outcome = self._build_outcome or {"event": "build_failed", "reason": "unknown"}, None
-        self.on_event({**outcome, "time": time.time()})
-
-    def _stop_build(self) -> None:
-        if self._build is not None:
-            self._build_stop.set()
-            self._reap_build(wait=True)
-            self._build_stop.clear()
+            self.adapter.feed(sorted(stored), scores)
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one step of the loop; an error that is not about one file (a full disk, a locked
@@ -450,7 +365,7 @@ class Watcher:
         """Ingest what is in the folder now (waiting for files still being written), then return
         (early, after the batch in hand, once ``stop`` is set). An error that keeps coming back
         (:data:`ONCE_ERRORS` times in a row) is raised."""
-        self._warm_monitor()
+        self.adapter.warm()
         self.scan()
         try:
             while self._pending and not (stop is not None and stop.is_set()):
@@ -462,10 +377,10 @@ class Watcher:
                     raise WatchError(f"giving up after {self._errors} errors in a row; the files not yet "
                                      "stored are taken by the next run")
             if not (stop is not None and stop.is_set()):
-                self._maybe_start_build(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
-                self._reap_build(wait=True)
+                self.adapter.step(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
+                self.adapter.reap(wait=True)
         finally:
-            self._stop_build()
+            self.adapter.stop()
             self._decoder.close()
             self.index.flush()
 
@@ -475,7 +390,7 @@ class Watcher:
         self._decoder.close()
         self._decoder = Decoder(processes=True)  # started now, so the first bulk drop does not wait for them
         try:
-            self._warm_monitor()
+            self.adapter.warm()
             self.scan()
             last_scan = time.monotonic()
             self.on_event({"event": "watching", "folder": str(self.config.folder), "pending": len(self._pending),
@@ -496,11 +411,10 @@ class Watcher:
                         self._drain_events(timeout=max(0.0, deadline - time.monotonic()))
                 if batch and not self._guarded(lambda: self._ingest_ready(stop)):
                     continue
-                self._guarded(self._maybe_start_build)
-                self._reap_build()
+                self._guarded(self.adapter.step)
                 self._guarded(self.index.autosave)
         finally:
-            self._stop_build()
+            self.adapter.stop()
             self._stop_events()
             self._decoder.close()
             self.index.flush()

@@ -37,9 +37,9 @@ import os
 
 import numpy as np
 
+from .defaults import SIDE
 from .images import Frame
 
-SIDE = 28
 ITERATIONS = 4
 SMOOTH = 0.7  # Gaussian σ (px) of the images the fit is made on
 # prior standard deviations of (scale_y, scale_x, shift_y, shift_x) around (1, 1, 0, 0), and the

@@ -86,7 +86,7 @@ def misbehaving_loader(path, timeout):
     """A decoder worker's loader that dies on files named ``*crash*``, hangs in the normaliser on
     ``*slow*`` (the time limit must stop it) and hangs past any signal on ``*stuck*`` (only the
     wait on the batch can); anything else loads as usual."""
-    from streamsim import images, workers
+    from streamsim import normalise, workers
 
     name = os.path.basename(str(path))
     if "crash" in name:
@@ -95,15 +95,15 @@ def misbehaving_loader(path, timeout):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(120)
     if "slow" in name:
-        real = images._normalise_grey
+        real = normalise.normalise_grey
 
         def slow(*a, **k):
             time.sleep(120)
             return real(*a, **k)
 
-        images._normalise_grey = slow
+        normalise.normalise_grey = slow
         try:
             return workers.load_or_error(path, timeout)
         finally:
-            images._normalise_grey = real
+            normalise.normalise_grey = real
     return workers.load_or_error(path, timeout)

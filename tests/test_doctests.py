@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["streamsim.images", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
+MODULES = ["streamsim.images", "streamsim.normalise", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
            "streamsim.perturb", "streamsim.calibrate", "streamsim.verify"]
 
 

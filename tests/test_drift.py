@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamsim import drift
+from streamsim import drift, plots
 
 DETECTORS = sorted(drift.DETECTORS)
 
@@ -137,10 +137,10 @@ def test_plot_writes_a_png(tmp_path):
     s = _stream(0, 300, 300, shift=2.0)
     stream = {"id": np.arange(1, 601), "version": np.ones(600, int), "error": np.ones(600), "score": s}
     events = [{"kind": "drift", "image_id": 320, "version": 1}, {"kind": "activated", "image_id": 600, "version": 2}]
-    drift.plot_stream(stream, events, tmp_path / "d.png")
+    plots.plot_stream(stream, events, tmp_path / "d.png")
     im = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))
     assert im.shape == (480, 1200, 3)
     assert ((im[..., 0] > 200) & (im[..., 1] < 60)).any()  # the red alarm line
     empty = {k: np.zeros(0) for k in ("id", "version", "error", "score")}
-    drift.plot_stream(empty, [], tmp_path / "e.png")
+    plots.plot_stream(empty, [], tmp_path / "e.png")
     assert Image.open(tmp_path / "e.png").size == (1200, 480)

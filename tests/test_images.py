@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from streamsim import images
+from streamsim import decode, images
+from streamsim import normalise as normaliser
 from streamsim.images import (
     IMAGE_SUFFIXES,
     MAX_IMAGE_PIXELS,
@@ -268,8 +269,6 @@ def test_a_big_noisy_scans_box_is_found_on_block_means(monkeypatch, speckled):
     """A big scan's ink box is found on a smoothed copy of its block means (cheap): the same box,
     within 2 pixels of the scan's 900, as smoothing the scan itself (the reference, forced by
     one block per pixel)."""
-    from streamsim import images
-
     rng = np.random.default_rng(1)
     big = np.asarray(glyph(900, 18.0)).astype(np.float32) / 255
     scan = 0.86 - 0.7 * big
@@ -281,12 +280,12 @@ def test_a_big_noisy_scans_box_is_found_on_block_means(monkeypatch, speckled):
     scan = scan.astype(np.float32)
 
     def box():
-        m = images._supported(images._smoothed_mask(scan, True, speckled=speckled))
+        m = normaliser._supported(normaliser._smoothed_mask(scan, True, speckled=speckled))
         rows, cols = m.any(axis=1).nonzero()[0], m.any(axis=0).nonzero()[0]
         return np.array([rows[0], rows[-1], cols[0], cols[-1]])
 
     fast = box()
-    monkeypatch.setattr(images, "_MASK_BLOCKS", 10**6)  # one block per pixel: the scan itself
+    monkeypatch.setattr(normaliser, "_MASK_BLOCKS", 10**6)  # one block per pixel: the scan itself
     assert np.abs(fast - box()).max() <= 2  # measured: identical
 
 
@@ -464,7 +463,7 @@ def test_decompression_bombs_are_refused_before_decoding(size):
 
 
 def test_pixel_limit_is_read_at_call_time(monkeypatch):
-    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100)
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(ImageError) as err:
         load(encode(GLYPH, "PNG"))
     assert_one_line_error(err, "<bytes>", "decompression bomb (64×64 pixels")
@@ -626,7 +625,7 @@ def test_frame_resampling_is_scipys_filter_then_linear_interpolation(blur):
     window = rng.random((37, 23)).astype(np.float32)
     rr = np.linspace(-1.5, 38.0, 28).astype(np.float32)
     cc = np.linspace(0.25, 21.9, 28).astype(np.float32)
-    ours = images._resampling(rr, 37, blur[0]) @ window @ images._resampling(cc, 23, blur[1]).T
+    ours = normaliser._resampling(rr, 37, blur[0]) @ window @ normaliser._resampling(cc, 23, blur[1]).T
     smoothed = gaussian_filter(window, blur, mode="nearest") if blur != (0.0, 0.0) else window
     r, c = np.meshgrid(rr, cc, indexing="ij")
     theirs = map_coordinates(smoothed, [r, c], order=1, mode="constant", cval=0.0)
@@ -642,21 +641,21 @@ def test_near_ink_is_a_gaussian_of_one_pixel_with_zero_edges():
     ink = (rng.random((28, 28)) < 0.08).astype(np.float32)
     ink[0, :] = 1.0  # ink on the edge: zero beyond it, not repeated
     expected = gaussian_filter(ink, 1.0, mode="constant") > 0.1
-    assert (images._near_ink(ink) == expected).all()
+    assert (normaliser._near_ink(ink) == expected).all()
 
 
 def test_residue_far_below_a_grey_level_is_not_paper_noise(digits, monkeypatch):
     """Resampling a clean digit leaves float residue around its ink (weights of 1e-9 on an ink
     pixel); measured as paper noise it would send the query down the noisy path of the duplicate
     check, with its wider margin. Below half a grey level it is no noise; real noise still is."""
-    real = images._linear_frame
+    real = normaliser._linear_frame
     residue = np.random.default_rng(5).random((28, 28)).astype(np.float32) * 1e-6
 
     def with_residue(*args, **kwargs):
         ink, inside = real(*args, **kwargs)
         return ink + residue, inside
 
-    monkeypatch.setattr(images, "_linear_frame", with_residue)
+    monkeypatch.setattr(normaliser, "_linear_frame", with_residue)
     clean = [images.load(x, frame=True).frame.sigma for x in digits[0][:20]]
     assert clean == [0.0] * 20
     noisy = np.clip(digits[0][:20] + np.random.default_rng(6).normal(0, 20, (20, 28, 28)), 0, 255).astype(np.uint8)

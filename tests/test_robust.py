@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import EXE, cli_json, misbehaving_loader, png_bytes, write_pngs
-from streamsim import Index, images, stream, workers
+from streamsim import Index, images, normalise, stream, workers
 from streamsim.catalog import Catalog
 
 
@@ -42,14 +42,14 @@ def test_a_worker_that_dies_or_hangs_costs_only_its_file(tmp_path, digits):
 
 def test_a_file_that_decodes_too_long_is_failed_here_too(tmp_path, digits, monkeypatch):
     files = write_pngs(tmp_path / "in", digits[0][:3])
-    real = images._normalise_grey
+    real = normalise.normalise_grey
 
     def slow_on_the_second(grey, source, **kw):
         if source.endswith("img0001.png"):
             time.sleep(30)
         return real(grey, source, **kw)
 
-    monkeypatch.setattr(images, "_normalise_grey", slow_on_the_second)
+    monkeypatch.setattr(normalise, "normalise_grey", slow_on_the_second)
     t0 = time.monotonic()
     with workers.Decoder(processes=False, timeout=0.3) as decoder:
         out = [r for _, r in decoder.load(files)]

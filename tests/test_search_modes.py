@@ -113,11 +113,11 @@ def test_similar_searches_a_copy_of_a_stored_image_as_the_two_codes_averaged(sto
 
 def test_similar_checks_a_clean_querys_nearest_few_and_a_noisy_querys_more(tmp_path, digits, monkeypatch):
     """The near-duplicates-first check of a similar search registers a clean query against its
-    SIMILAR_CANDIDATES nearest stored images at most (the check costs most of a search), a query
+    policy's similar_candidates nearest stored images at most (the check costs most of a search), a query
     with paper noise against up to NOISY_CANDIDATES (its code is less exact). Store: 40 copies of
     one digit, each with a few stray pixels, so that many candidates pass the code gate."""
-    from streamsim import index as index_mod
     from streamsim import verify
+    from streamsim.search import DEFAULT_POLICY
 
     x, _ = digits
     rng = np.random.default_rng(2)
@@ -131,11 +131,11 @@ def test_similar_checks_a_clean_querys_nearest_few_and_a_noisy_querys_more(tmp_p
         index.add_many(copies)
         pairs.clear()
         assert len(index.search(x[9], k=5)) == 5
-        assert sum(pairs) == index_mod.SIMILAR_CANDIDATES
+        assert sum(pairs) == DEFAULT_POLICY.similar_candidates
         pairs.clear()
         noisy = np.clip(x[9] + rng.normal(0, 50, (28, 28)), 0, 255).astype(np.uint8)
         assert len(index.search(noisy, k=5)) == 5
-        assert index_mod.SIMILAR_CANDIDATES < sum(pairs) <= verify.NOISY_CANDIDATES
+        assert DEFAULT_POLICY.similar_candidates < sum(pairs) <= verify.NOISY_CANDIDATES
 
 
 def test_similar_returns_k_even_when_more_near_duplicates_are_stored(tmp_path, digits):

@@ -185,7 +185,8 @@ def test_a_noisy_query_looks_further_down_its_code_neighbours():
 
 
 def test_a_store_tightens_its_duplicate_threshold_on_its_own_images(tmp_path, digits):
-    from streamsim.index import MIN_STORE_CALIBRATION, STORE_CALIBRATION_FLOOR, StoreError
+    from streamsim.calibrate import MIN_STORE_CALIBRATION, STORE_CALIBRATION_FLOOR
+    from streamsim.store import StoreError
 
     x, _ = digits
     with Index.open(tmp_path / "few") as index:

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from streamsim import Index
-from streamsim.index import StoreError
+from streamsim.store import StoreError
 
 EXE = str(Path(sys.executable).parent / "streamsim")
 N_DIGITS, N_NEW = 200, 200
@@ -81,7 +81,7 @@ def retrained(tmp_path_factory, drifted):
         threads[1].join()
         done.set()
         threads[0].join()
-        ids_in_index = index._vectors_for(index.active_version).keys()
+        ids_in_index = index.vectors(index.active_version).keys()
         catalog_ids = index.catalog.ids()
     return {"root": root, "result": result, "seen": seen, "errors": errors, "added": added,
             "ids_in_index": set(ids_in_index.tolist()), "catalog_ids": set(catalog_ids.tolist())}
@@ -173,7 +173,7 @@ def test_retention_keeps_checkpoints_and_rebuilds_a_pruned_index(retrained, tmp_
         index.rollback(1)  # rebuilt from the catalog's pixels
         assert index.active_version == 1
         assert (root / "vectors" / "v0001.usearch").exists()
-        assert len(index._vectors_for(1)) == len(index)
+        assert len(index.vectors(1)) == len(index)
 
 
 def test_too_few_new_images_is_a_clear_error(drifted, tmp_path):

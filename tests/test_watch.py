@@ -161,15 +161,15 @@ def test_readiness_follows_the_writer_not_its_readers(watcher, digits):
     Path(path).write_bytes(png_bytes(digits[0][0]))
     now = time.monotonic()
     for kind in ("created", "opened", "modified", "opened", "closed_no_write"):  # a reader peeks mid-write
-        w._offer(path, kind, now)
+        w.offer(path, kind, now)
     w._pending[path].stable_since -= 5  # quiet for a while: still being written, not ready
     assert w.ready() == []
-    w._offer(path, "closed", time.monotonic())
+    w.offer(path, "closed", time.monotonic())
     assert [f[0] for f in w.ready()] == [path]
     # moved in from elsewhere: only a created event, never opened here
     moved = str(inbox / "b.png")
     Path(moved).write_bytes(png_bytes(digits[0][1]))
-    w._offer(moved, "created", time.monotonic() - 1)
+    w.offer(moved, "created", time.monotonic() - 1)
     assert moved in [f[0] for f in w.ready()]
 
 
@@ -177,7 +177,7 @@ def test_hidden_folders_and_temporary_names_are_ignored(watcher, digits):
     w, inbox = watcher
     for rel in (".staging/x.png", "sub/.y.png", "sub/z.png.part", "sub/ok.png"):
         (inbox / rel).write_bytes(png_bytes(digits[0][2]))
-        w._offer(str(inbox / rel), "closed", time.monotonic())
+        w.offer(str(inbox / rel), "closed", time.monotonic())
     assert list(w._pending) == [str(inbox / "sub" / "ok.png")]
 
 
@@ -185,7 +185,7 @@ def test_a_file_removed_before_it_is_read_is_not_a_failure(watcher, digits):
     w, inbox = watcher
     p = inbox / "brief.png"
     p.write_bytes(png_bytes(digits[0][3]))
-    w._offer(str(p), "closed", time.monotonic())
+    w.offer(str(p), "closed", time.monotonic())
     batch = w.ready()
     p.unlink()
     w.ingest(batch)
