@@ -68,12 +68,15 @@ def _open(store: Path, *, create: bool = True):
 def add(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders (walked recursively).")],
     store: StoreOpt = Path(DEFAULT_STORE),
+    adapt: Annotated[bool, typer.Option("--adapt", help="If the images drift, fine-tune now and wait for the "
+                                        "outcome (default: record the alarm; `watch` or `retrain` adapts).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Store images. The same bytes under another name are recorded as another path, not stored twice.
 
     Files that cannot be stored are reported on stderr, one line each, and recorded (see `status`);
-    the rest are stored. Exit status 1 if any input failed.
+    the rest are stored. The images feed the store's drift detectors as a watcher's do: an alarm
+    opens a drift episode (see `status`). Exit status 1 if any input failed.
     """
     with _Errors():
         missing = [p for p in paths if not p.exists()]
@@ -86,13 +89,33 @@ def add(
             if image_id is None:
                 typer.echo(f"streamsim: {path}: {outcome}", err=True)
 
+        from streamsim.stream import StreamLockError
+
+        drifts: list[dict] = []
+        background: list[dict] = []
         with _open(store) as index:
-            report = index.add_files(present, on_file=on_file)
+            try:
+                stream = index.stream(adapt=adapt)
+            except StreamLockError:  # a watcher holds the store's stream: its detectors see these images later
+                stream = None
+                typer.echo("streamsim: a watcher holds this store's stream: storing without drift detection", err=True)
+            try:
+                report = index.add_files(present, on_file=on_file,
+                                         on_batch=(lambda outcomes: drifts.extend(stream.observe(outcomes))) if stream else None)
+                if stream is not None and adapt:
+                    stream.step(now=True)
+                    stream.wait()
+                    background = stream.events()
+            finally:
+                if stream is not None:
+                    stream.close()
             total = len(index)
+            episode = stream.state if stream is not None else None
         seconds = time.perf_counter() - t0
         summary = {
             "added": len(report.added), "duplicates": len(report.duplicates), "failed": len(report.failed) + len(missing),
             "files": report.files, "images": total, "seconds": round(seconds, 3),
+            "drift": drifts, "adaptation": background, "drift_state": episode,
         }
         if as_json:
             _print_json(summary)
@@ -102,6 +125,11 @@ def add(
                 f"added {summary['added']}, duplicates {summary['duplicates']}, failed {summary['failed']} "
                 f"({report.files} files in {seconds:.1f}s, {rate:,.0f} files/s); store holds {total} images"
             )
+            for e in drifts + background:
+                detail = " ".join(f"{k}={v}" for k, v in e.items() if k not in ("event", "time", "validation"))
+                typer.echo(f"{e['event']}: {detail}")
+            if drifts and not adapt:
+                typer.echo("the images drifted: `streamsim watch`, `streamsim retrain` or `add --adapt` adapts the encoder")
         if summary["failed"]:
             raise typer.Exit(1)
 
@@ -164,6 +192,9 @@ def status(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> N
         score = "-" if d["score"] is None else f"{d['score']:+.2f} (mean of the last {d['window']} images; ~0 is like the reference)"
         typer.echo(f"drift score     {score}")
         typer.echo(f"drift alarms    {d['alarms']}")
+        ep = d["episode"]
+        typer.echo(f"drift state     {d['state']}" + (f" (since image {ep['since_image_id']}, {ep['attempts']} attempts)"
+                                                     if d["state"] != "stable" else ""))
 
 
 @app.command()
@@ -486,15 +517,15 @@ def watch(
                     sys.stdout.write(json.dumps(event) + "\n")
                     sys.stdout.flush()
 
-                watcher = Watcher(index, config, emit)
+                watcher = Watcher(index, config, emit, lock=lock)
                 watcher.run_once(stop) if once else watcher.run(stop)
                 emit({"event": "stopped", "ingested": watcher.stats.ingested, "duplicates": watcher.stats.duplicates,
                       "failed": watcher.stats.failed, "time": time.time()})
             else:
-                _watch_live(index, config, once, stop)
+                _watch_live(index, config, once, stop, lock)
 
 
-def _watch_live(index, config, once: bool, stop) -> None:
+def _watch_live(index, config, once: bool, stop, lock) -> None:
     from rich.console import Console
     from rich.live import Live
 
@@ -520,7 +551,7 @@ def _watch_live(index, config, once: bool, stop) -> None:
                 live.console.print(f"[red]{event['path']}: {event['reason']}[/red]") if live.console.is_terminal else err.print(f"{event['path']}: {event['reason']}", markup=False, highlight=False)
             live.update(line())
 
-        holder["w"] = watcher = Watcher(index, config, on_event)
+        holder["w"] = watcher = Watcher(index, config, on_event, lock=lock)
         watcher.run_once(stop) if once else watcher.run(stop)
         live.update(line())
 

@@ -1,55 +1,124 @@
-"""What happens on drift: the normalised score of each stored image feeds a
-:class:`~streamsim.drift.DriftMonitor` for the active version; an alarm is recorded as a ``drift``
-event, and (unless adaptation is off) a fine-tune (:meth:`Index.retrain`) runs in a background
-thread once enough images have arrived since the estimated change, while ingest goes on.
+"""What happens on drift: the drift *episode*, from the alarm to a version that serves the new data
+— or to a plain statement that none was found.
 
-An :class:`Adapter` is driven by whoever stores images (the folder watcher today): ``feed`` the
-stored images' scores, call ``step`` now and then, ``stop`` at the end. Its events (``drift``,
-``retraining``, ``activated``, ``rejected``, ``build_failed``, ``build_cancelled``) go to ``emit``.
+The normalised score of each stored image feeds a :class:`~streamsim.drift.DriftMonitor` for the
+active version. An alarm is a ``drift`` event and opens an episode (``drifting``); unless
+adaptation is off, a fine-tune (:meth:`Index.retrain`) runs in a background thread once enough
+images have arrived since the estimated change (``adapting``), while ingest goes on. Promoted:
+the episode ends (``stable``, on the new version). Rejected, failed or cancelled: the episode stays
+open and the next attempt waits until the images since the change have doubled, with a stronger
+recipe (twice the optimiser steps and more replay each time); when the episode's budget of attempts
+is spent it is ``unresolved``, said in an ``unresolved`` event with what to try. Every step is an
+event in the store's log, so the episode survives restarts: :func:`episode` reads it back, and
+``streamsim status`` shows it.
+
+An :class:`Adapter` is driven by whoever stores images — :class:`~streamsim.stream.Stream`, which
+the folder watcher, ``streamsim add`` and programs feed: ``feed`` it the stored images' scores,
+call ``step`` now and then, ``stop`` at the end.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import drift
-from .versions import MIN_RECENT, BuildCancelled
+from .defaults import FINETUNE_STEPS
 
 WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when adaptation resumes
 MIN_NEW = 256  # images since the estimated change point before a fine-tune starts ...
 RETRAIN_WAIT = 30.0  # ... or this many seconds after the alarm, whichever comes first
+ATTEMPTS = 3  # fine-tunes one drift episode may try before it is unresolved (the default budget)
+STATES = ("stable", "drifting", "adapting", "unresolved")
+UNRESOLVED_ADVICE = ("try `streamsim retrain --epochs 50 --margin 0.2`, or `streamsim train --arch conv` "
+                     "for a fresh model trained on every stored image")
+
+
+def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The newest drift episode as the store's event log tells it: ``state`` (one of
+    :data:`STATES`), ``since_image_id`` (the first image of the change), ``alarm_image_id``,
+    ``attempts`` and, after an attempt, ``last_attempt_images`` (images since the change it saw).
+
+    A switch of version (``activated``, ``rollback``) ends an episode; an alarm while none is open
+    opens one; ``retraining`` is an attempt (``adapting``); ``rejected`` / ``build_failed`` /
+    ``build_cancelled`` leave it ``drifting``; ``unresolved`` closes the attempts.
+
+    >>> episode([{"kind": "drift", "image_id": 40, "detail": {"change_image_id": 31}},
+    ...          {"kind": "retraining", "image_id": None, "detail": {"images": 300}},
+    ...          {"kind": "rejected", "image_id": None, "detail": {}}])["state"]
+    'drifting'
+    """
+    out: dict[str, Any] = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
+    for e in events:
+        kind, detail = e["kind"], e.get("detail") or {}
+        if kind in ("activated", "rollback"):
+            out = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
+        elif kind == "drift" and out["state"] == "stable":
+            out = {"state": "drifting", "since_image_id": detail.get("change_image_id") or e.get("image_id"),
+                   "alarm_image_id": e.get("image_id"), "attempts": 0}
+        elif out["state"] == "stable":
+            continue  # a manual retrain's outcome, say: no episode to follow
+        elif kind == "retraining":
+            out["state"] = "adapting"
+            out["attempts"] += 1
+            out["last_attempt_images"] = detail.get("images")
+        elif kind in ("rejected", "build_failed", "build_cancelled") and out["state"] == "adapting":
+            out["state"] = "drifting"
+        elif kind == "unresolved":
+            out["state"] = "unresolved"
+    return out
 
 
 class Adapter:
-    """The drift monitor of a store's active version and the fine-tune an alarm starts.
+    """The drift monitor of a store's active version and the episode an alarm opens.
 
-    ``retrain``: fine-tune after an alarm (else alarms are only recorded); ``keep``: index files
-    kept after a swap (:meth:`Index.prune`); ``min_new`` / ``retrain_wait``: when the fine-tune
-    starts after an alarm."""
+    ``retrain``: fine-tune after an alarm (else alarms are recorded and the episode is left open for
+    a later adapting stream, ``watch`` or ``retrain``); ``budget``: attempts per episode (default
+    :data:`ATTEMPTS`); ``keep``: index files kept after a swap (:meth:`Index.prune`);
+    ``min_new`` / ``retrain_wait``: when the first attempt starts after an alarm."""
 
     def __init__(self, index, emit: Callable[[dict[str, Any]], None], *, retrain: bool = True,
-                 keep: int | None = None, min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT):
+                 budget: int | None = None, keep: int | None = None, min_new: int = MIN_NEW,
+                 retrain_wait: float = RETRAIN_WAIT):
+        if budget is not None and budget < 1:
+            raise ValueError(f"budget must be at least 1 attempt, got {budget}")
         self.index = index
         self.emit = emit
         self.retrain = retrain
+        self.budget = ATTEMPTS if budget is None else int(budget)
         self.keep = keep
         self.min_new = min_new
         self.retrain_wait = retrain_wait
         self._monitor: drift.DriftMonitor | None = None
-        self._alarm: tuple[drift.Alarm, float] | None = None  # waiting for its fine-tune to start
+        self._episode: dict[str, Any] = {"state": "stable", "since_image_id": None, "attempts": 0}
+        self._opened = time.monotonic()  # when the open episode's alarm came (or adaptation resumed)
         self._build: threading.Thread | None = None
         self._build_outcome: dict[str, Any] | None = None
         self._build_stop = threading.Event()
 
+    @property
+    def state(self) -> str:
+        """The episode: ``stable``, ``drifting``, ``adapting`` (a fine-tune is running) or ``unresolved``."""
+        if self._build is not None:
+            return "adapting"
+        return "drifting" if self._episode["state"] == "adapting" else self._episode["state"]
+
+    @property
+    def building(self) -> bool:
+        return self._build is not None
+
     def warm(self) -> None:
-        """Feed the monitor what the last run would have seen: the active version's scores since
-        the last drift alarm or version switch (at most :data:`WARM_SCORES`), in the cool-down of
-        that alarm if the last run raised one."""
+        """Resume where the store's log leaves off: the episode (:func:`episode`), and the monitor
+        fed what the last run would have seen — the active version's scores since the last drift
+        alarm or version switch (at most :data:`WARM_SCORES`), in the cool-down of that alarm if
+        the last run raised one."""
+        events = self.index.catalog.events()
+        self._episode = episode(events)
+        self._opened = time.monotonic()
         after, alarmed = 0, False
-        for e in self.index.catalog.events():
+        for e in events:
             if e["kind"] in ("activated", "rollback", "drift") and e["image_id"] is not None:
                 after, alarmed = int(e["image_id"]), e["kind"] == "drift"
         s = self.index.catalog.score_stream(after=after, last=WARM_SCORES)
@@ -58,10 +127,11 @@ class Adapter:
         self._monitor = drift.DriftMonitor(version=active, normaliser=self.index.normaliser(active))
         if alarmed:  # the last run was in the cool-down after that alarm, as this one is now
             self._monitor.cool_down()
-        self.feed([(i, None) for i in scores], scores)
+        self.feed([(i, None) for i in scores], scores, replay=True)
 
-    def feed(self, items, scores: dict[int, tuple[int, float]]) -> None:
-        """Feed stored images, ``(id, path)`` in arrival order, with their ``(version, score)``."""
+    def feed(self, items, scores: dict[int, tuple[int, float]], *, replay: bool = False) -> None:
+        """Feed stored images, ``(id, path)`` in arrival order, with their ``(version, score)``
+        (``replay``: scores already seen by an earlier run, which raise no new alarm)."""
         for image_id, path in items:
             if image_id not in scores:
                 continue
@@ -69,8 +139,14 @@ class Adapter:
             if self._monitor is None or self._monitor.version != version:
                 self._monitor = drift.DriftMonitor(version=version, normaliser=self.index.normaliser(version))
             alarm = self._monitor.update(score, image_id=image_id, path=path)
-            if alarm is not None:
+            if alarm is not None and not replay:
                 self._on_alarm(alarm, version)
+
+    def _record(self, kind: str, **detail: Any) -> dict[str, Any]:
+        self.index.catalog.add_event(kind, version=self.index.active_version, detail=detail)
+        event = {"event": kind, **detail, "time": time.time()}
+        self.emit(event)
+        return event
 
     def _on_alarm(self, alarm: drift.Alarm, version: int) -> None:
         path = alarm.path
@@ -81,52 +157,84 @@ class Adapter:
         self.index.catalog.add_event("drift", version=version, image_id=alarm.image_id, path=path, detail=detail)
         self.emit({"event": "drift", "version": version, "id": alarm.image_id, "path": path, **detail,
                    "time": time.time()})
-        if self.retrain and self._build is None:
-            self._alarm = (alarm, time.monotonic())
+        if self._episode["state"] == "stable":
+            self._episode = {"state": "drifting", "since_image_id": alarm.change_image_id or alarm.image_id,
+                             "alarm_image_id": alarm.image_id, "attempts": 0}
+            self._opened = time.monotonic()
 
     def step(self, *, now: bool = False) -> None:
-        """Start the fine-tune for a pending alarm once enough images have arrived since it (with
-        ``now``, as soon as there are any to train on), and report one that finished."""
-        self._maybe_start(now=now)
-        self.reap()
+        """Report a fine-tune that finished, and start the next attempt of an open episode when its
+        time has come (the first once :attr:`min_new` images arrived since the change or
+        :attr:`retrain_wait` seconds passed — with ``now``, as soon as there are enough to train on;
+        a retry once the images since the change have doubled since the last attempt)."""
+        from .versions import MIN_RECENT
 
-    def _maybe_start(self, *, now: bool = False) -> None:
-        if self._alarm is None or self._build is not None:
+        self.reap()
+        ep = self._episode
+        if not self.retrain or self._build is not None or ep["state"] not in ("drifting", "adapting"):
             return
-        alarm, at = self._alarm
-        since = alarm.change_image_id or alarm.image_id or 1
+        since = int(ep["since_image_id"] or 1)
         new = self.index.catalog.count_images_from(since)
-        waited = time.monotonic() - at >= self.retrain_wait
-        if new < MIN_RECENT or not (now or waited or new >= self.min_new):
+        if new < MIN_RECENT:
             return
-        self._alarm = None
-        self.emit({"event": "retraining", "since": since, "images": new, "time": time.time()})
+        if ep["attempts"] == 0:
+            if not (now or new >= self.min_new or time.monotonic() - self._opened >= self.retrain_wait):
+                return
+        elif new < 2 * int(ep.get("last_attempt_images") or 0):
+            return
+        self._start(since, new)
+
+    def _start(self, since: int, images: int) -> None:
+        ep = self._episode
+        attempt = ep["attempts"] + 1
+        steps, replay = FINETUNE_STEPS * 2 ** (attempt - 1), float(attempt)  # a stronger recipe each time
+        ep.update(state="adapting", attempts=attempt, last_attempt_images=images)
+        self._record("retraining", since=since, images=images, attempt=attempt, budget=self.budget,
+                     steps=steps, replay=replay)
+
+        from .versions import BuildCancelled
 
         def work():
             try:
-                r = self.index.retrain(since=since, reason="drift", keep=self.keep, stop=self._build_stop)
+                r = self.index.retrain(since=since, reason="drift", keep=self.keep, stop=self._build_stop,
+                                       steps=steps, replay=replay)
                 self._build_outcome = {"event": r.state if r.state == "rejected" else "activated", "version": r.version,
-                                       "seconds": round(r.seconds, 2), "validation": r.validation,
+                                       "seconds": round(r.seconds, 2), "validation": r.validation, "attempt": attempt,
                                        **({"reason": r.rejected_because} if r.rejected_because else {})}
             except BuildCancelled:
-                self._build_outcome = {"event": "build_cancelled"}
+                self._build_outcome = {"event": "build_cancelled", "attempt": attempt}
             except Exception as e:  # noqa: BLE001 - reported as an event; ingest goes on
-                self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}"}
+                self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}", "attempt": attempt}
 
         self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
         self._build.start()
 
-    def reap(self, *, wait: bool = False) -> None:
-        """Report a fine-tune that has finished (with ``wait``, wait for a running one)."""
+    def reap(self, *, wait: bool = False, timeout: float | None = None) -> None:
+        """Report a fine-tune that has finished (with ``wait``, wait for a running one, up to
+        ``timeout`` seconds)."""
         if self._build is None or (self._build.is_alive() and not wait):
             return
-        self._build.join()
+        self._build.join(timeout)
+        if self._build.is_alive():
+            return
         self._build = None
         outcome, self._build_outcome = self._build_outcome or {"event": "build_failed", "reason": "unknown"}, None
+        if outcome["event"] == "build_cancelled":
+            # recorded for the episode (the build itself recorded its failure as build_failed)
+            self.index.catalog.add_event("build_cancelled", version=self.index.active_version,
+                                         detail={"attempt": outcome.get("attempt")})
         self.emit({**outcome, "time": time.time()})
+        ep = self._episode
+        if outcome["event"] == "activated":
+            self._episode = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
+        elif ep["attempts"] >= self.budget:
+            ep["state"] = "unresolved"
+            self._record("unresolved", since=ep["since_image_id"], attempts=ep["attempts"], advice=UNRESOLVED_ADVICE)
+        else:
+            ep["state"] = "drifting"
 
     def stop(self) -> None:
-        """Cancel a running fine-tune (recorded as failed; the active version keeps serving)."""
+        """Cancel a running fine-tune (a failed attempt; the active version keeps serving)."""
         if self._build is not None:
             self._build_stop.set()
             self.reap(wait=True)

@@ -174,13 +174,50 @@ class Index:
         loaded = [images.load(x) for x in images_]  # a uint8 [N, H, W] array iterates image by image
         return [s.id for s in ingest.store_images(self._store, loaded).rows]
 
+    def ingest(self, items: Iterable[Any] | np.ndarray) -> list[FileOutcome]:
+        """Store items of any kind :meth:`add_many` takes, each answered in order by a
+        :class:`~streamsim.ingest.FileOutcome`: ``stored`` (with its drift score), ``duplicate``, or
+        ``failed`` with the reason (a path's failure is recorded, as ``add`` records it) — bad data
+        never raises; an unsupported Python type is a ``TypeError``."""
+        out: list[FileOutcome | None] = []
+        good: list[tuple[int, Any]] = []
+        for x in items:
+            try:
+                loaded = images.load(x)
+            except images.ImageError as e:
+                path = os.path.realpath(x) if isinstance(x, (str, os.PathLike)) else None
+                if path is not None:
+                    self.catalog.record_failure(path, e.reason)
+                out.append(FileOutcome(path, "failed", None, e.reason))
+                continue
+            good.append((len(out), loaded))
+            out.append(None)
+        done = ingest.store_images(self._store, [x for _, x in good])
+        for (i, x), s, z in zip(good, done.rows, done.scores):
+            out[i] = FileOutcome(x.path, "stored" if s.new else "duplicate", s.id, None,
+                                 z if s.new else None, done.version if s.new else None)
+        return out
+
+    def stream(self, *, adapt: bool = True, budget: int | None = None, keep: int | None = None, **options: Any):
+        """The store's adaptive loop, for a producer of images (:class:`~streamsim.stream.Stream`;
+        a context manager): ``feed`` it batches, read background ``events``, follow its ``state``.
+        ``adapt``: fine-tune after drift (else alarms are recorded and the episode waits for an
+        adapting stream, ``watch`` or ``retrain``); ``budget``: fine-tune attempts per drift
+        episode; ``keep``: see :meth:`prune`. One stream per store (a second is refused)."""
+        from .stream import Stream
+
+        return Stream(self, adapt=adapt, budget=budget, keep=keep, **options)
+
     def add_files(self, paths: Iterable[str | os.PathLike], *, recursive: bool = True, batch: int = 512,
-                  on_file: Callable[[str, str, int | None], None] | None = None) -> IngestReport:
+                  on_file: Callable[[str, str, int | None], None] | None = None,
+                  on_batch: Callable[[list[FileOutcome]], Any] | None = None) -> IngestReport:
         """Store image files and folders (walked recursively), recording files that fail.
 
         ``on_file(path, outcome, id)`` is called for each file with ``outcome`` one of ``"added"``,
-        ``"duplicate"`` or the failure reason (id ``None``). Files are known by their resolved
-        path. Whatever a file holds, it is stored or recorded as failed, and the rest go on.
+        ``"duplicate"`` or the failure reason (id ``None``); ``on_batch(outcomes)`` with each
+        batch's outcomes (a :class:`~streamsim.stream.Stream` feeds its detectors so). Files are known
+        by their resolved path. Whatever a file holds, it is stored or recorded as failed, and the
+        rest go on.
         """
         added: list[int] = []
         dups: list[int] = []
@@ -189,7 +226,10 @@ class Index:
         pending: list[tuple[str, Any]] = []
 
         def flush() -> None:
-            for o in ingest.ingest_results(self._store, pending, None):
+            outcomes = ingest.ingest_results(self._store, pending, None)
+            if on_batch is not None:
+                on_batch(outcomes)
+            for o in outcomes:
                 if o.outcome == "failed":
                     failed.append((o.path, o.reason))
                 else:
@@ -310,16 +350,17 @@ class Index:
         return versions.train(self._store, pixels, epochs=epochs, activate=activate, reason=reason, arch=arch,
                               seed=seed, keep=keep, progress=progress)
 
-    def retrain(self, *, since: int | None = None, epochs: int | None = None, replay: float = 1.0,
+    def retrain(self, *, since: int | None = None, epochs: int | None = None, steps: int | None = None,
+                replay: float = 1.0,
                 margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
                 keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
                 progress: Callable[[int, int, dict], None] | None = None) -> RetrainResult:
         """Fine-tune the active encoder on the images since a change (``since``, default
         :meth:`change_start`), with a replay of older ones, and promote the result only if it
         passes the validation gate: error on held-out recent images falls, error on the reference
-        rises by at most ``margin`` (:func:`streamsim.versions.retrain`). Setting ``stop`` cancels
-        the build."""
-        return versions.retrain(self._store, since=since, epochs=epochs, replay=replay, margin=margin, reason=reason,
+        rises by at most ``margin`` (:func:`streamsim.versions.retrain`). ``epochs`` defaults to about
+        ``steps`` optimiser steps (800). Setting ``stop`` cancels the build."""
+        return versions.retrain(self._store, since=since, epochs=epochs, steps=steps, replay=replay, margin=margin, reason=reason,
                                 activate=activate, keep=keep, seed=seed, stop=stop, progress=progress)
 
     def change_start(self) -> int:

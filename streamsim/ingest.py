@@ -26,7 +26,7 @@ class FileOutcome:
     changed while it was read; offer it again) or ``gone`` (removed before it could be read).
     A ``stored`` image carries its drift ``score`` under ``version``, the encoder that scored it."""
 
-    path: str
+    path: str | None
     outcome: str
     id: int | None
     reason: str | None

@@ -47,7 +47,11 @@ class SearchPolicy:
 
     def pool(self, k: int) -> int:
         """How many of the query's nearest stored images (by its own code) a ``similar`` search of
-        ``k`` ranks by the expanded code: :attr:`similar_pool`, or ``2k`` for a longer list."""
+        ``k`` ranks by the expanded code: :attr:`similar_pool`, or ``2k`` for a longer list.
+
+        >>> SearchPolicy().pool(10), SearchPolicy().pool(50), SearchPolicy(similar_pool=16).pool(5)
+        (64, 100, 16)
+        """
         return max(self.similar_pool, 2 * int(k))
 
 

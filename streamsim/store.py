@@ -111,17 +111,25 @@ def _not_checkpoint(rel: Path) -> bool:
 
 def drift_summary(catalog: Catalog, window: int = DRIFT_WINDOW) -> dict[str, Any]:
     """The current drift score (mean normalised reconstruction score of the active version's
-    latest ``window`` images; about 0 on images like its reference) and the latest alarm."""
+    latest ``window`` images; about 0 on images like its reference), the latest alarm, and the
+    drift episode (``state``: ``stable``, ``drifting``, ``adapting`` or ``unresolved``;
+    :func:`streamsim.adapt.episode`)."""
     active = catalog.active_version()
     s = catalog.score_stream(last=window)
     mine = s["score"][s["version"] == active]
-    alarms = [e for e in catalog.events() if e["kind"] == "drift"]
+    from .adapt import episode
+
+    events = catalog.events()
+    alarms = [e for e in events if e["kind"] == "drift"]
     last = alarms[-1] if alarms else None
+    ep = episode(events)
     return {
         "score": round(float(mine.mean()), 4) if len(mine) else None,
         "window": int(len(mine)),
         "alarms": len(alarms),
         "last_alarm": {k: last[k] for k in ("time", "version", "image_id", "path")} if last else None,
+        "state": ep["state"],
+        "episode": ep,
     }
 
 

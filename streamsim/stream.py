@@ -124,10 +124,6 @@ def wanted(name: str, patterns: tuple[str, ...] = ()) -> bool:
     return os.path.splitext(name)[1].lower() in images.IMAGE_SUFFIXES
 
 
-class WatchLockError(RuntimeError):
-    """Another watcher holds this store."""
-
-
 class WatchError(RuntimeError):
     """The watcher cannot go on (an error that is not about one file keeps coming back)."""
 
@@ -136,13 +132,168 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+class StreamLockError(RuntimeError):
+    """Another stream (a watcher, or a program's ``Index.stream()``) holds this store."""
+
+
+WatchLockError = StreamLockError  # the name the watcher's refusal had
+
+
 def lock_store(root: Path):
-    """Hold ``<store>/watch.lock`` for as long as the returned file stays open (one watcher per store)."""
+    """Hold ``<store>/watch.lock`` — one stream per store: a watcher, ``streamsim add`` or a program's
+    ``Index.stream()`` — for as long as the returned file stays open."""
     root.mkdir(parents=True, exist_ok=True)
     f, holder = try_lock(root / "watch.lock")
     if f is None:
-        raise WatchLockError(f"{root}: a watcher is already running on this store (pid {holder})")
+        raise StreamLockError(f"{root}: a watcher or another stream is already running on this store (pid {holder})")
     return f
+
+
+BACKGROUND = ("retraining", "activated", "rejected", "build_failed", "build_cancelled", "unresolved")
+
+
+class Stream:
+    """The adaptive loop of a store, fed by any producer: ``Index.stream()`` returns one.
+
+    Every batch it stores feeds the drift detectors of the active version (warmed from the scores
+    the store recorded, so drift is seen across runs of a program that feeds a few images each
+    time); an alarm opens a drift episode, and with ``adapt`` a fine-tune runs in the background
+    until a new version serves the new data or the episode's ``budget`` of attempts is spent
+    (:mod:`streamsim.adapt`). One stream per store: a second is refused (:class:`StreamLockError`),
+    as a second watcher is. Leaving the ``with`` block cancels a running build cleanly (recorded;
+    the active version keeps serving).
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> from streamsim import Index
+        >>> glyph = np.zeros((28, 28), np.uint8); glyph[6:22, 12:16] = 255
+        >>> with tempfile.TemporaryDirectory() as d, Index.open(d) as index, index.stream() as s:
+        ...     [e["event"] for e in s.feed([glyph, glyph, b"not an image"])], s.state
+        (['stored', 'duplicate', 'failed'], 'stable')
+    """
+
+    def __init__(self, index, *, adapt: bool = True, budget: int | None = None, keep: int | None = None,
+                 min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT, lock=None):
+        self.index = index
+        self._lock = lock if lock is not None else lock_store(Path(index.root))
+        self._background: list[dict[str, Any]] = []
+        self._inline: list[dict[str, Any]] | None = None
+        self._cond = threading.Condition()
+        try:
+            self.adapter = Adapter(index, self._emit, retrain=adapt, budget=budget, keep=keep, min_new=min_new,
+                                   retrain_wait=retrain_wait)
+            self.adapter.warm()
+        except BaseException:
+            self._lock.close()
+            raise
+        self._closed = False
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel a running build (recorded; the active version keeps serving), write the vectors,
+        release the store."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.adapter.stop()
+            self.index.flush()
+        finally:
+            self._lock.close()
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self._inline is not None and event["event"] not in BACKGROUND:
+            self._inline.append(event)
+            return
+        with self._cond:
+            self._background.append(event)
+            self._cond.notify_all()
+
+    @property
+    def state(self) -> str:
+        """The drift episode: ``stable``, ``drifting``, ``adapting`` or ``unresolved``."""
+        return self.adapter.state
+
+    def feed(self, images_) -> list[dict[str, Any]]:
+        """Store a batch — anything :meth:`Index.add_many` takes — and return its events in the
+        order of the batch, one each, in ``watch --json``'s vocabulary: ``stored`` / ``duplicate``
+        (``id``, ``path`` where there is one) or ``failed`` (``reason``), and a ``drift`` event where a
+        detector fired (``id``, ``detector``, ``score``, ``change_image_id``). A bad item is a
+        ``failed`` event, never an exception (an unsupported Python type is a ``TypeError``)."""
+        outcomes = self.index.ingest(images_)
+        return self._observe(outcomes, [outcome_event(o) for o in outcomes])
+
+    def feed_files(self, files, *, decoder=None) -> tuple[list, list[dict[str, Any]]]:
+        """Store files seen as ``(path, size, mtime_ns)`` (:meth:`Index.ingest_files`, for producers
+        that track files: the watcher); returns their outcomes and the ``drift`` events they raised."""
+        outcomes = self.index.ingest_files(files, decoder=decoder)
+        return outcomes, self._observe(outcomes, [])
+
+    def observe(self, outcomes) -> list[dict[str, Any]]:
+        """Feed the detectors outcomes stored by another door (``Index.add_files``'s batches);
+        returns the ``drift`` events they raised."""
+        return self._observe(outcomes, [])
+
+    def _observe(self, outcomes, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        stored = sorted((o.id, o.path) for o in outcomes if o.outcome == "stored")
+        scores = {o.id: (o.version, o.score) for o in outcomes if o.outcome == "stored" and o.score is not None}
+        self._inline = []
+        try:
+            self.adapter.feed(stored, scores)
+            drifts = self._inline
+        finally:
+            self._inline = None
+        self.adapter.step()
+        at = {e["id"]: e for e in drifts}
+        if not events:
+            return drifts
+        out = []
+        for o, e in zip(outcomes, events):
+            out.append(e)
+            if o.id in at and o.outcome == "stored":
+                out.append(at.pop(o.id))
+        return out + list(at.values())
+
+    def step(self, *, now: bool = False) -> None:
+        """Start a pending adaptation when its time has come (with ``now``: as soon as there are
+        images enough), and collect a finished one's outcome for :meth:`events`."""
+        self.adapter.step(now=now)
+
+    def events(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """What happened in the background since the last call — ``retraining``, ``activated``,
+        ``rejected``, ``build_failed``, ``build_cancelled``, ``unresolved`` — waiting up to
+        ``timeout`` seconds for at least one when there are none."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.adapter.step()
+            with self._cond:
+                if self._background or deadline is None or time.monotonic() >= deadline:
+                    out, self._background = self._background, []
+                    return out
+                self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (``None``: for as long as it takes) until no build is
+        running; True once none is (its outcome is then in :meth:`events`)."""
+        self.adapter.reap(wait=True, timeout=timeout)
+        return not self.adapter.building
+
+
+def outcome_event(o) -> dict[str, Any]:
+    """A :class:`~streamsim.ingest.FileOutcome` as an event of ``watch --json``'s vocabulary."""
+    event: dict[str, Any] = {"event": o.outcome, "time": time.time()}
+    if o.path is not None:
+        event["path"] = o.path
+    if o.id is not None:
+        event["id"] = o.id
+    if o.reason is not None:
+        event["reason"] = o.reason
+    return event
 
 
 class Watcher:
@@ -152,7 +303,8 @@ class Watcher:
     ``path``, ``id`` / ``reason`` and ``time``.
     """
 
-    def __init__(self, index, config: WatchConfig, on_event: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, index, config: WatchConfig, on_event: Callable[[dict[str, Any]], None] | None = None,
+                 *, lock=None):
         self.index = index
         self.config = dataclasses.replace(config, folder=Path(config.folder).resolve())
         self.on_event = on_event or (lambda e: None)
@@ -166,8 +318,23 @@ class Watcher:
         self._decoder = Decoder()
         self._errors = 0  # errors in a row (not about one file): the retry waits longer each time
         self._retry_at = 0.0
-        self.adapter = Adapter(index, self.on_event, retrain=self.config.retrain, keep=self.config.keep,
-                               min_new=self.config.min_new, retrain_wait=self.config.retrain_wait)
+        self._lock = lock  # the store's stream lock, if the caller took it already
+        self.stream: Stream | None = None  # the store's adaptive loop, while running
+
+    def _open_stream(self) -> None:
+        self.stream = Stream(self.index, adapt=self.config.retrain, keep=self.config.keep, min_new=self.config.min_new,
+                             retrain_wait=self.config.retrain_wait, lock=self._lock)
+
+    def _close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()  # cancels a running build (reported below), writes the vectors
+            self._background()
+            self.stream = None
+
+    def _background(self) -> None:
+        """Pass on what the stream did in the background (fine-tunes and their outcomes)."""
+        for event in self.stream.events() if self.stream is not None else ():
+            self.on_event(event)
 
     # -- seeing files -------------------------------------------------------------------------
 
@@ -304,11 +471,12 @@ class Watcher:
 
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
         stats = {f[0]: (f[1], f[2]) for f in files}
-        stored: list[tuple[int, str]] = []
-        scores: dict[int, tuple[int, float]] = {}
         if len(files) >= POOL_MIN_BATCH:
             self._decoder.start()  # a bulk drop: decode in worker processes from now on
-        for outcome in self.index.ingest_files(files, decoder=self._decoder):
+        if self.stream is None:
+            self._open_stream()
+        outcomes, drifts = self.stream.feed_files(files, decoder=self._decoder)
+        for outcome in outcomes:
             if outcome.outcome == "busy":
                 p = self._pending.get(outcome.path)
                 if p is not None:
@@ -325,18 +493,10 @@ class Watcher:
                 self.stats.duplicates += 1
             else:
                 self.stats.failed += 1
-            event = {"event": outcome.outcome, "path": outcome.path, "time": time.time()}
-            if outcome.id is not None:
-                event["id"] = outcome.id
-            if outcome.reason is not None:
-                event["reason"] = outcome.reason
+            self.on_event(outcome_event(outcome))
+        for event in drifts:
             self.on_event(event)
-            if outcome.outcome == "stored":
-                stored.append((outcome.id, outcome.path))
-                if outcome.score is not None:
-                    scores[outcome.id] = (outcome.version, outcome.score)
-        if stored:
-            self.adapter.feed(sorted(stored), scores)
+        self._background()
 
     def _guarded(self, step: Callable[[], None]) -> bool:
         """Run one step of the loop; an error that is not about one file (a full disk, a locked
@@ -365,7 +525,7 @@ class Watcher:
         """Ingest what is in the folder now (waiting for files still being written), then return
         (early, after the batch in hand, once ``stop`` is set). An error that keeps coming back
         (:data:`ONCE_ERRORS` times in a row) is raised."""
-        self.adapter.warm()
+        self._open_stream()
         self.scan()
         try:
             while self._pending and not (stop is not None and stop.is_set()):
@@ -377,10 +537,11 @@ class Watcher:
                     raise WatchError(f"giving up after {self._errors} errors in a row; the files not yet "
                                      "stored are taken by the next run")
             if not (stop is not None and stop.is_set()):
-                self.adapter.step(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
-                self.adapter.reap(wait=True)
+                self.stream.step(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
+                self.stream.wait()
+                self._background()
         finally:
-            self.adapter.stop()
+            self._close_stream()
             self._decoder.close()
             self.index.flush()
 
@@ -390,7 +551,7 @@ class Watcher:
         self._decoder.close()
         self._decoder = Decoder(processes=True)  # started now, so the first bulk drop does not wait for them
         try:
-            self.adapter.warm()
+            self._open_stream()
             self.scan()
             last_scan = time.monotonic()
             self.on_event({"event": "watching", "folder": str(self.config.folder), "pending": len(self._pending),
@@ -411,10 +572,11 @@ class Watcher:
                         self._drain_events(timeout=max(0.0, deadline - time.monotonic()))
                 if batch and not self._guarded(lambda: self._ingest_ready(stop)):
                     continue
-                self._guarded(self.adapter.step)
+                self._guarded(self.stream.step)
+                self._background()
                 self._guarded(self.index.autosave)
         finally:
-            self.adapter.stop()
+            self._close_stream()
             self._stop_events()
             self._decoder.close()
             self.index.flush()

@@ -89,7 +89,7 @@ def train(store, pixels: np.ndarray | None = None, *, epochs: int = 10, activate
     return version
 
 
-def retrain(store, *, since: int | None = None, epochs: int | None = None, replay: float = 1.0,
+def retrain(store, *, since: int | None = None, epochs: int | None = None, steps: int | None = None, replay: float = 1.0,
             margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
             keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
             progress: Callable[[int, int, dict], None] | None = None) -> "RetrainResult":
@@ -102,7 +102,7 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, repla
     images (up to ``REFERENCE_SAMPLE``) is the reference. The parent's own reference sample
     (kept with its checkpoint, see :func:`reference_sample`) is split in two: half is replayed
     too, half joins the reference, so a small store does not forget what the encoder knew.
-    ``epochs`` defaults to about ``FINETUNE_STEPS`` optimiser steps, however few the images;
+    ``epochs`` defaults to about ``steps`` optimiser steps (default ``FINETUNE_STEPS``), however few the images;
     the objective and corruptions are the parent's (:func:`parent_config`).
 
     The new version is promoted when its reconstruction error on the held-out recent images is
@@ -141,7 +141,7 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, repla
         meta_p = store.meta(parent)
         cfg = parent_config(meta_p, seed=seed, learning_rate=FINETUNE_LR)
         if epochs is None:
-            epochs = max(1, -(-FINETUNE_STEPS // max(1, len(pixels) // cfg.batch_size)))
+            epochs = max(1, -(-(steps or FINETUNE_STEPS) // max(1, len(pixels) // cfg.batch_size)))
         cfg = dataclasses.replace(cfg, epochs=epochs)
 
         def tick(epoch, total, metrics):

@@ -107,3 +107,20 @@ def misbehaving_loader(path, timeout):
         finally:
             normalise.normalise_grey = real
     return workers.load_or_error(path, timeout)
+
+
+def dot_glyphs(n: int, seed: int = 1) -> np.ndarray:
+    """Glyphs of a made-up script: clusters of dots (uint8 [n, 56, 56], white on black)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, 56, 56), np.uint8)
+    for i in range(n):
+        im = Image.new("L", (56, 56), 0)
+        d = ImageDraw.Draw(im)
+        for _ in range(rng.integers(6, 14)):
+            x, y = rng.integers(6, 50, 2)
+            r = rng.integers(2, 5)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=255)
+        out[i] = np.asarray(im)
+    return out

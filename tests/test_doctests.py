@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["streamsim.images", "streamsim.normalise", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
-           "streamsim.perturb", "streamsim.calibrate", "streamsim.verify"]
+           "streamsim.perturb", "streamsim.calibrate", "streamsim.verify", "streamsim.stream", "streamsim.adapt",
+           "streamsim.drift", "streamsim.search"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -16,30 +16,15 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from helpers import dot_glyphs
 from streamsim import Index
 from streamsim.store import StoreError
 
 EXE = str(Path(sys.executable).parent / "streamsim")
 N_DIGITS, N_NEW = 200, 200
-
-
-def dot_glyphs(n: int, seed: int = 1) -> np.ndarray:
-    """Glyphs of a made-up script: clusters of dots (uint8 [n, 56, 56], white on black)."""
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, 56, 56), np.uint8)
-    for i in range(n):
-        im = Image.new("L", (56, 56), 0)
-        d = ImageDraw.Draw(im)
-        for _ in range(rng.integers(6, 14)):
-            x, y = rng.integers(6, 50, 2)
-            r = rng.integers(2, 5)
-            d.ellipse([x - r, y - r, x + r, y + r], fill=255)
-        out[i] = np.asarray(im)
-    return out
 
 
 @pytest.fixture(scope="module")
