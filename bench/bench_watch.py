@@ -12,6 +12,9 @@ follows would share the two cores with the ingest being measured.
    search from this process finds each one (p50 / p95).
 3. soak: N files dropped over time in bursts of 500; the watcher's RSS sampled throughout; at the
    end every file must be stored exactly once.
+4. stream: the bulk drop's images, already in memory as arrays, fed to a fresh store through
+   ``Index.stream()`` (drift detection on, adaptation off, as the watcher above) in batches of 50;
+   files/s against the watcher's bulk rate.
 """
 
 from __future__ import annotations
@@ -157,6 +160,20 @@ def main(argv=None) -> int:
         out["sigterm_exit_code"] = watcher.wait(timeout=30)
         counts = {k: sum(e["event"] == k for e in events) for k in ("stored", "duplicate", "failed", "drift", "retraining", "activated", "rejected")}
         out["events"] = counts
+
+        # 4. the same images, in memory, through Index.stream() in batches of 50
+        arrays = [images.load(inbox / p.name).pixels for p in bulk]
+        with Index.open(tmp / "stream-store") as index:
+            index.search(arrays[0], k=1)  # the encoder loaded and compiled, as in the running watcher
+            with index.stream(adapt=False) as stream:
+                t = time.perf_counter()
+                fed = [e for start in range(0, len(arrays), 50) for e in stream.feed(arrays[start : start + 50])]
+                index.flush()
+                seconds = time.perf_counter() - t
+        out["stream_images"] = sum(e["event"] in ("stored", "duplicate") for e in fed)
+        out["stream_seconds"] = seconds
+        out["stream_images_per_s"] = len(arrays) / seconds
+        out["stream_vs_watcher_bulk"] = out["stream_images_per_s"] / out["bulk_files_per_s"]
     finally:
         if watcher.poll() is None:
             watcher.kill()

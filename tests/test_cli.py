@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -78,6 +79,7 @@ def test_dedup_groups_identical_files(tmp_path, digit_files):
     assert len(groups) == 1 and len(groups[0]["paths"]) == 2
 
 
+@pytest.mark.slow
 def test_train_npz_and_no_activate(tmp_path, digits):
     store = tmp_path / "store"
     data = tmp_path / "data.npz"

@@ -10,7 +10,7 @@ MODULES = ["streamsim.images", "streamsim.normalise", "streamsim.model", "stream
            "streamsim.drift", "streamsim.search"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", [pytest.param(m, marks=[pytest.mark.slow] if m == "streamsim.train" else []) for m in MODULES])
 def test_docstring_examples(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

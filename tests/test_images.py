@@ -264,6 +264,7 @@ def test_noisy_scan_matches_clean_glyph(sigma, tol):
     assert mad(normalise(scan), clean) < tol
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speckled", [False, True])
 def test_a_big_noisy_scans_box_is_found_on_block_means(monkeypatch, speckled):
     """A big scan's ink box is found on a smoothed copy of its block means (cheap): the same box,

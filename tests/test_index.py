@@ -106,6 +106,7 @@ def test_reopen_reconciles_missing_vectors(tmp_path, digit_files):
         assert index.search(digit_files[4], k=1)[0].id == ids[4]
 
 
+@pytest.mark.slow
 def test_train_new_version_and_rollback(tmp_path, digit_files, digits):
     with Index.open(tmp_path / "s") as index:
         ids = index.add_many(digit_files)

@@ -41,6 +41,7 @@ def test_padding_does_not_change_codes(arch, glyphs):
     np.testing.assert_allclose(one_by_one, enc(glyphs[:5]), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", M.ARCHITECTURES)
 def test_training_lowers_error_and_is_reproducible(arch, glyphs):
     cfg = T.TrainConfig(epochs=3, batch_size=16, learning_rate=3e-3, seed=3)
@@ -53,6 +54,7 @@ def test_training_lowers_error_and_is_reproducible(arch, glyphs):
     np.testing.assert_array_equal(M.Encoder(m1)(glyphs), M.Encoder(m2)(glyphs))
 
 
+@pytest.mark.slow
 def test_weight_averaging_returns_the_average_and_leaves_training_alone(glyphs):
     """``TrainConfig.ema``: the same steps are taken (same losses), but the weights returned are
     their moving average — between the initial weights and the last step's."""
@@ -92,6 +94,7 @@ def test_unfinished_checkpoint_is_not_loaded(tmp_path):
     assert not (tmp_path / "v0003").exists()
 
 
+@pytest.mark.slow
 def test_corruptions_stay_in_range_and_differ_by_key(glyphs):
     import jax
 
@@ -104,6 +107,7 @@ def test_corruptions_stay_in_range_and_differ_by_key(glyphs):
     assert np.abs(a - b).mean() > 0.01
 
 
+@pytest.mark.slow
 def test_elastic_grid_makes_the_displacement_local():
     """A finer grid gives a displacement field whose values 7 px apart are less alike."""
     import jax
@@ -140,6 +144,7 @@ def test_fast_weights_match_orbax_and_tampering_falls_back(tmp_path, glyphs):
     np.testing.assert_array_equal(M.Encoder(again)(glyphs), M.Encoder(slow)(glyphs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", M.ARCHITECTURES)
 def test_contrastive_training_with_views(arch, glyphs):
     views = np.stack([np.roll(glyphs, 1, axis=2), np.roll(glyphs, -1, axis=1)], axis=1)

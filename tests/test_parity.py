@@ -33,6 +33,7 @@ def noisy_store(tmp_path_factory, digits):
     return base / "store", queries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["similar", "duplicate", "recall"])
 def test_search_from_the_command_equals_the_library(noisy_store, mode):
     store, queries = noisy_store
@@ -50,6 +51,7 @@ def test_search_from_the_command_equals_the_library(noisy_store, mode):
         assert found >= 6  # the noisy copies are found through the command too
 
 
+@pytest.mark.slow
 def test_status_versions_events_failed_and_dedup_from_the_command_equal_the_library(noisy_store):
     store, _ = noisy_store
     status = store_mod.status(store)

@@ -108,6 +108,7 @@ def test_a_full_disk_during_a_build_discards_it_and_the_old_version_serves(tmp_p
         assert index.check()["ok"]
 
 
+@pytest.mark.slow
 def test_check_finds_and_repairs_vectors_a_dead_build_a_tampered_checkpoint_and_the_journal(tmp_path, digits):
     store = tmp_path / "store"
     inbox = tmp_path / "inbox"
@@ -146,6 +147,7 @@ def test_check_finds_and_repairs_vectors_a_dead_build_a_tampered_checkpoint_and_
     assert rc == 0 and report["ok"]
 
 
+@pytest.mark.slow
 def test_check_reports_a_tampered_trained_version_it_cannot_repair(tmp_path, digits):
     with Index.open(tmp_path / "store") as index:
         index.add_many(digits[0][:40])

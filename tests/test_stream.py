@@ -90,6 +90,7 @@ def test_the_drift_episode_from_alarm_to_unresolved(tmp_path, digits, monkeypatc
         assert kinds.count("retraining") == 2 and kinds.count("unresolved") == 1
 
 
+@pytest.mark.slow
 def test_add_opens_an_episode_that_a_later_stream_continues(tmp_path, digits, monkeypatch):
     old, new = _switching(digits)
     write_pngs(tmp_path / "old", old)
@@ -124,6 +125,7 @@ def test_an_in_memory_stream_adapts_in_the_background(tmp_path, digits):
         assert index.status()["drift"]["state"] == "stable"
 
 
+@pytest.mark.slow
 def test_leaving_the_block_cancels_a_build_and_the_old_version_serves(tmp_path, digits):
     old, new = _switching(digits)
     with Index.open(tmp_path / "s") as index:

@@ -23,6 +23,8 @@ from helpers import dot_glyphs
 from streamsim import Index
 from streamsim.store import StoreError
 
+pytestmark = pytest.mark.slow  # every test here trains or fine-tunes an encoder
+
 EXE = str(Path(sys.executable).parent / "streamsim")
 N_DIGITS, N_NEW = 200, 200
 

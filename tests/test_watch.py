@@ -14,6 +14,7 @@ import pytest
 from helpers import EXE, WatchProcess, png_bytes, status
 from streamsim import Index
 
+@pytest.mark.slow
 def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     inbox.mkdir()
@@ -82,6 +83,7 @@ def test_watch_ingests_everything_once_and_stops_cleanly(tmp_path, digits):
     assert status(store)["images"] == 7
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, digits):
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     inbox.mkdir()
@@ -109,6 +111,7 @@ def test_sigkill_and_restart_lose_and_double_nothing(tmp_path, digits):
     assert st["images"] == 150 and st["files"] == 150 and st["failed"] == 0
 
 
+@pytest.mark.slow
 def test_once_takes_files_in_arrival_order_and_patterns(tmp_path, digits):
     inbox, store = tmp_path / "inbox", tmp_path / "store"
     (inbox / "sub").mkdir(parents=True)
