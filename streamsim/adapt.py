@@ -41,9 +41,11 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     :data:`STATES`), ``since_image_id`` (the first image of the change), ``alarm_image_id``,
     ``attempts`` and, after an attempt, ``last_attempt_images`` (images since the change it saw).
 
-    A switch of version (``activated``, ``rollback``) ends an episode; an alarm while none is open
-    opens one; ``retraining`` is an attempt (``adapting``); ``rejected`` / ``build_failed`` /
-    ``build_cancelled`` leave it ``drifting``; ``unresolved`` closes the attempts.
+    A switch of version (``activated``, ``rollback``) ends an episode; an alarm opens one — also
+    while one is ``drifting`` or ``unresolved`` (the data changed again: the newest change is what
+    to adapt to), but not while an attempt runs; ``retraining`` is an attempt (``adapting``);
+    ``rejected`` / ``build_failed`` / ``build_cancelled`` leave it ``drifting``; ``unresolved``
+    closes the attempts.
 
     >>> episode([{"kind": "drift", "image_id": 40, "detail": {"change_image_id": 31}},
     ...          {"kind": "retraining", "image_id": None, "detail": {"images": 300}},
@@ -55,7 +57,8 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
         kind, detail = e["kind"], e.get("detail") or {}
         if kind in ("activated", "rollback"):
             out = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
-        elif kind == "drift" and out["state"] == "stable":
+        elif kind == "drift" and out["state"] in ("stable", "drifting", "unresolved"):
+            # an alarm while no attempt runs: the data changed (again): adapt to the newest change
             out = {"state": "drifting", "since_image_id": detail.get("change_image_id") or e.get("image_id"),
                    "alarm_image_id": e.get("image_id"), "attempts": 0}
         elif out["state"] == "stable":
@@ -157,7 +160,7 @@ class Adapter:
         self.index.catalog.add_event("drift", version=version, image_id=alarm.image_id, path=path, detail=detail)
         self.emit({"event": "drift", "version": version, "id": alarm.image_id, "path": path, **detail,
                    "time": time.time()})
-        if self._episode["state"] == "stable":
+        if self._build is None and self._episode["state"] != "adapting":  # the newest change is what to adapt to
             self._episode = {"state": "drifting", "since_image_id": alarm.change_image_id or alarm.image_id,
                              "alarm_image_id": alarm.image_id, "attempts": 0}
             self._opened = time.monotonic()

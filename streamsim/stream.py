@@ -270,7 +270,10 @@ class Stream:
         ``timeout`` seconds for at least one when there are none."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self.adapter.step()
+            if self._closed:
+                self.adapter.reap()
+            else:
+                self.adapter.step()
             with self._cond:
                 if self._background or deadline is None or time.monotonic() >= deadline:
                     out, self._background = self._background, []
@@ -278,10 +281,19 @@ class Stream:
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` seconds (``None``: for as long as it takes) until no build is
-        running; True once none is (its outcome is then in :meth:`events`)."""
-        self.adapter.reap(wait=True, timeout=timeout)
-        return not self.adapter.building
+        """Wait up to ``timeout`` seconds (``None``: for as long as it takes) until no fine-tune is
+        running or due: a retry that comes due when an attempt is rejected starts and is waited
+        for too. True once none is (the outcomes are then in :meth:`events`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self.adapter.reap(wait=True, timeout=left)
+            if self.adapter.building:
+                return False
+            if not self._closed:
+                self.adapter.step()
+            if not self.adapter.building:
+                return True
 
 
 def outcome_event(o) -> dict[str, Any]:

@@ -91,6 +91,25 @@ def test_the_drift_episode_from_alarm_to_unresolved(tmp_path, digits, monkeypatc
 
 
 @pytest.mark.slow
+def test_the_episode_as_the_event_log_tells_it():
+    from streamsim.adapt import episode
+
+    def ev(kind, image_id=None, **detail):
+        return {"kind": kind, "image_id": image_id, "detail": detail}
+
+    log = [ev("rejected"), ev("drift", 40, change_image_id=31)]
+    assert episode(log[:1])["state"] == "stable"  # a manual retrain's outcome opens nothing
+    assert episode(log) | {} == {"state": "drifting", "since_image_id": 31, "alarm_image_id": 40, "attempts": 0}
+    log += [ev("retraining", images=300), ev("drift", 90, change_image_id=80)]
+    assert episode(log)["state"] == "adapting" and episode(log)["since_image_id"] == 31  # not while an attempt runs
+    log += [ev("rejected"), ev("retraining", images=700), ev("build_failed"), ev("unresolved")]
+    assert episode(log)["state"] == "unresolved" and episode(log)["attempts"] == 2
+    log += [ev("drift", 2000, change_image_id=1990)]  # the data changed again: a new episode
+    assert episode(log)["state"] == "drifting" and episode(log)["since_image_id"] == 1990
+    assert episode(log)["attempts"] == 0
+    assert episode(log + [ev("activated", 2100)])["state"] == "stable"
+
+
 def test_add_opens_an_episode_that_a_later_stream_continues(tmp_path, digits, monkeypatch):
     old, new = _switching(digits)
     write_pngs(tmp_path / "old", old)
