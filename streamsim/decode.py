@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_IMAGE_PIXELS", "ImageError", "iter_image_files", "load_dataset"]
 
+MAX_ASPECT = 500  # longer side / shorter side beyond which an input is no glyph image
 MAX_IMAGE_PIXELS = 64_000_000
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 
@@ -174,6 +175,10 @@ def read_path(path: Path, source: str) -> bytes:
 def _too_large(source: str, width: int, height: int, what: str) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise ImageError(source, f"{what} ({width}×{height} pixels; the limit is {MAX_IMAGE_PIXELS})")
+    if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+        # a few hundred bytes can claim a 28 × 2,000,000 strip; decoding it takes seconds and no
+        # glyph is shaped so: refused before its pixels are decoded
+        raise ImageError(source, f"not a glyph image: {width}×{height} pixels (more than {MAX_ASPECT}:1)")
 
 
 # Pillow's plugins signal broken data with all of these.

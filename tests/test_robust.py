@@ -252,3 +252,16 @@ def test_a_watcher_takes_500_mutated_files_and_every_good_one(tmp_path, digits):
     with Index.open(store) as index:
         stored = sum(v == "stored" for v in outcomes.values())
         assert len(index) == stored and index.check()["ok"]
+
+
+def test_a_strip_no_glyph_is_shaped_like_is_refused_before_it_is_decoded():
+    from streamsim.decode import MAX_ASPECT
+
+    fixture = Path(__file__).parent / "data" / "fuzz" / "tall_58mpx.png"  # 261 bytes claiming 28 × 2,097,180
+    t0 = time.monotonic()
+    with pytest.raises(images.ImageError, match=f"not a glyph image: 28×2097180 pixels \\(more than {MAX_ASPECT}:1\\)"):
+        images.load(fixture)
+    assert time.monotonic() - t0 < 0.5
+    line = np.zeros((8, 8 * MAX_ASPECT), np.uint8)  # a long line of text is still taken
+    line[2:6, 10:-10] = 255
+    assert images.load(line).pixels.any()
