@@ -1,4 +1,12 @@
-"""Tail a folder: every image that lands there is ingested once, through crashes and restarts.
+"""The stream: the store's adaptive loop that every producer feeds (:class:`Stream`,
+``Index.stream()``), and its first producer, the folder watcher (:class:`Watcher`).
+
+A :class:`Stream` stores what it is fed, feeds each stored image's normalised reconstruction score
+to the drift detectors of the active version, and follows the drift episode an alarm opens —
+adapting in the background unless told not to (:mod:`streamsim.adapt`).
+
+The watcher tails a folder: every image that lands there is ingested once, through crashes and
+restarts.
 
 Files are seen two ways — OS file events (``watchdog``: inotify on Linux) and a periodic rescan,
 because event queues overflow and network filesystems drop events — and ingested only when they
@@ -21,13 +29,9 @@ file's (path, size, mtime, byte hash, outcome) in the same transaction that stor
 is processed at most once across restarts, and files that arrived while the watcher was down are
 picked up by the first scan. The watcher never deletes, moves or rewrites user files.
 
-Drift: every stored image's normalised reconstruction score (recorded with it) feeds a
-:class:`~streamsim.drift.DriftMonitor` for the active encoder version; on restart the monitor is
-warmed with the scores recorded since the last alarm or version switch. An alarm is recorded as a
-``drift`` event; unless ``retrain`` is off, a fine-tune (:meth:`Index.retrain`) then runs in a
-background thread once ``min_new`` images have arrived since the estimated change (or
-``retrain_wait`` seconds have passed), while the watcher goes on ingesting and answering
-searches; the new version is swapped in when its index is built, or rejected by the gate.
+The watcher feeds its files to the store's stream (``retrain`` off: alarms are recorded, nothing
+adapts), and passes on the stream's events (``drift``, ``retraining``, ``activated``, ...) with its
+own, while it goes on ingesting and other processes search.
 """
 
 from __future__ import annotations
@@ -309,10 +313,12 @@ def outcome_event(o) -> dict[str, Any]:
 
 
 class Watcher:
-    """Feeds the files of one folder into an :class:`~streamsim.index.Index`.
+    """Feeds the files of one folder to the store's :class:`Stream`.
 
     ``on_event(dict)`` receives one event per file (``stored``, ``duplicate``, ``failed``) with
-    ``path``, ``id`` / ``reason`` and ``time``.
+    ``path``, ``id`` / ``reason`` and ``time``, and the stream's (``drift``, ``retraining``,
+    ``activated``, ``rejected``, ``unresolved``, ...) and the watcher's own (``watching``, ``error``).
+    ``lock``: the store's stream lock, if the caller took it already (:func:`lock_store`).
     """
 
     def __init__(self, index, config: WatchConfig, on_event: Callable[[dict[str, Any]], None] | None = None,

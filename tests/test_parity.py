@@ -18,9 +18,9 @@ def noisy_store(tmp_path_factory, digits):
     write_pngs(base / "stored", digits[0][:120])
     rng = np.random.default_rng(3)
     queries = []
-    for i in range(12):  # noisy (σ 0.3), shifted copies of stored digits, and unseen digits
+    for i in range(6):  # noisy (σ 0.3), shifted copies of stored digits, and unseen digits
         x = digits[0][i].astype(np.float32) / 255
-        x = np.clip(x + rng.normal(0, 0.3, x.shape), 0, 1) if i < 8 else digits[0][150 + i].astype(np.float32) / 255
+        x = np.clip(x + rng.normal(0, 0.3, x.shape), 0, 1) if i < 4 else digits[0][150 + i].astype(np.float32) / 255
         x = np.roll(x, int(rng.integers(-2, 3)), axis=1)
         q = base / "queries" / f"q{i:02d}.png"
         q.parent.mkdir(exist_ok=True)
@@ -48,7 +48,7 @@ def test_search_from_the_command_equals_the_library(noisy_store, mode):
             np.testing.assert_allclose([m["distance"] for m in printed], [m["distance"] for m in expected], atol=1e-6)
             found += bool(printed)
     if mode == "duplicate":
-        assert found >= 6  # the noisy copies are found through the command too
+        assert found >= 3  # the noisy copies are found through the command too
 
 
 @pytest.mark.slow

@@ -157,3 +157,13 @@ def test_leaving_the_block_cancels_a_build_and_the_old_version_serves(tmp_path, 
         assert [e["kind"] for e in index.catalog.events()][-1] == "build_cancelled"
         assert index.status()["drift"]["episode"] | {"state": "drifting", "attempts": 1} == index.status()["drift"]["episode"]
         assert index.search(old[3], k=1)[0].id == 4
+
+
+def test_add_while_a_watcher_holds_the_stream_stores_and_says_so(tmp_path, digits):
+    write_pngs(tmp_path / "in", digits[0][:5])
+    with Index.open(tmp_path / "s") as index, index.stream():
+        run = subprocess.run([EXE, "add", str(tmp_path / "in"), "--store", str(tmp_path / "s"), "--json"],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert "storing without drift detection" in run.stderr
+        assert json.loads(run.stdout)["added"] == 5 and len(index) == 5
