@@ -271,7 +271,8 @@ class Stream:
     def events(self, timeout: float | None = None) -> list[dict[str, Any]]:
         """What happened in the background since the last call — ``retraining``, ``activated``,
         ``rejected``, ``build_failed``, ``build_cancelled``, ``unresolved`` — waiting up to
-        ``timeout`` seconds for at least one when there are none."""
+        ``timeout`` seconds for at least one when there are none (``None``: answer at once). A
+        pending adaptation whose time has come is started first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._closed:
