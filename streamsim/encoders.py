@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from .defaults import PIXELS_SHAPE
+
 META = "meta.json"
 REFERENCE = "reference.npz"  # a sample of what the version was trained for (replay, forgetting check)
 STATE = "state"
@@ -115,9 +117,9 @@ def load_reference(directory: str | Path) -> np.ndarray:
         with np.load(Path(directory) / REFERENCE, allow_pickle=False) as f:
             x = f["images"]
     except (OSError, KeyError, ValueError):
-        return np.zeros((0, 28, 28), np.uint8)
-    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
-        return np.zeros((0, 28, 28), np.uint8)
+        return np.zeros((0, *PIXELS_SHAPE), np.uint8)
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != PIXELS_SHAPE:
+        return np.zeros((0, *PIXELS_SHAPE), np.uint8)
     return x
 
 

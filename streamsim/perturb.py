@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import images
+from .defaults import PIXELS_SHAPE, SIDE
 
 PERTURBATIONS = ("noise", "salt_pepper", "shift", "rotation", "elastic", "stroke")
 NOISE_SIGMA = 0.3  # Gaussian, on a 0..1 scale, clipped
@@ -70,7 +71,7 @@ def _elastic(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     from scipy import ndimage
 
     h, w = img.shape
-    scale = max(h, w) / 28
+    scale = max(h, w) / SIDE
     field = [ndimage.gaussian_filter(rng.uniform(-1, 1, (h, w)).astype(np.float32), ELASTIC_SIGMA * scale)
              * ELASTIC_ALPHA * scale for _ in range(2)]
     rr, cc = _grid(h, w)
@@ -98,7 +99,7 @@ def perturb(raw: np.ndarray, kind: str, *, seed: int = 0) -> np.ndarray:
         raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)} or neardup")
     rng = np.random.default_rng(seed)
     f, inverted = _ink_bright(np.asarray(raw, np.uint8))
-    scale = max(f.shape[1:]) / 28
+    scale = max(f.shape[1:]) / SIDE
     shift = round(SHIFT_PX * scale)
     out = np.empty_like(f)
     for i, img in enumerate(f):
@@ -126,7 +127,7 @@ def random_copies(raw: np.ndarray, *, seed: int = 0, deform: bool = True, noise:
     one time in five, salt-and-pepper. Seeded."""
     rng = np.random.default_rng(seed)
     f, inverted = _ink_bright(np.asarray(raw, np.uint8))
-    scale = max(f.shape[1:]) / 28
+    scale = max(f.shape[1:]) / SIDE
     out = np.empty_like(f)
     for i, img in enumerate(f):
         if rng.random() < p_shift:
@@ -159,7 +160,7 @@ def normalise_all(raw: np.ndarray, fallback: np.ndarray | None = None, *, frames
     perturbation erased it) takes ``fallback``'s pixels (or stays black). With ``frames``,
     ``(pixels, [Frame, ...])``: each image's :class:`~streamsim.images.Frame` too (a fallback's
     is that of its pixels)."""
-    out = np.zeros((len(raw), 28, 28), np.uint8)
+    out = np.zeros((len(raw), *PIXELS_SHAPE), np.uint8)
     kept: list[images.Frame] = []
     for i, img in enumerate(raw):
         try:

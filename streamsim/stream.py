@@ -140,9 +140,6 @@ class StreamLockError(RuntimeError):
     """Another stream (a watcher, or a program's ``Index.stream()``) holds this store."""
 
 
-WatchLockError = StreamLockError  # the name the watcher's refusal had
-
-
 def lock_store(root: Path):
     """Hold ``<store>/watch.lock`` — one stream per store: a watcher, ``streamsim add`` or a program's
     ``Index.stream()`` — for as long as the returned file stays open."""
