@@ -275,7 +275,7 @@ def drift(
         typer.echo(f"drift score {score} (mean of the last {summary['window']} images); {summary['alarms']} alarms")
         if summary["last_alarm"]:
             a = summary["last_alarm"]
-            typer.echo(f"last alarm: image {a['image_id']} ({a['path']}) under version {a['version']}")
+            typer.echo(f"last alarm: image {a['image_id']} ({a['path'] or 'in memory'}) under version {a['version']}")
         if plot is not None:
             typer.echo(f"plot written to {plot}")
 
@@ -423,15 +423,31 @@ def eval_(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the perturbations.")] = 0,
     calibrate_store: Annotated[bool, typer.Option("--calibrate-store", help="Calibrate the duplicate threshold on the "
                                                   "stored images first, as `streamsim calibrate` does.")] = False,
+    store: Annotated[Optional[Path], typer.Option("--store", help="Evaluate an encoder version of this store "
+                                                  "(default: the shipped encoder).")] = None,
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="With --store: which version "
+                                                   "(default: the active one).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure search quality on labelled images in a temporary store: streamsim against raw and
-    centred pixels (and a perceptual hash if `imagehash` is installed), clean and perturbed."""
+    centred pixels (and a perceptual hash if `imagehash` is installed), clean and perturbed. The
+    encoder is the shipped one, or a version of a store (`--store`, `--version`)."""
     with _Errors():
         from streamsim import evaluate
 
+        if version is not None and store is None:
+            raise ValueError("--version needs --store: the store whose encoder version to evaluate")
+        checkpoint = None
+        if store is not None:
+            from streamsim.store import encoder_dir, status
+
+            version = version if version is not None else status(store)["active_version"]
+            checkpoint = encoder_dir(Path(store).absolute(), version)
         x, y = evaluate.load_data(data)
-        report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store, parallel=True)
+        report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store, parallel=True,
+                                   checkpoint=checkpoint)
+        if store is not None:
+            report["encoder"]["store"] = {"path": str(Path(store).absolute()), "version": version}
         if as_json:
             _print_json(report)
         else:

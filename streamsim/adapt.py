@@ -146,7 +146,8 @@ class Adapter:
                 self._on_alarm(alarm, version)
 
     def _record(self, kind: str, **detail: Any) -> dict[str, Any]:
-        self.index.catalog.add_event(kind, version=self.index.active_version, detail=detail)
+        catalog = self.index.catalog  # image_id: where in the stream it happened (the drift plot)
+        catalog.add_event(kind, version=self.index.active_version, image_id=catalog.max_image_id() or None, detail=detail)
         event = {"event": kind, **detail, "time": time.time()}
         self.emit(event)
         return event

@@ -63,7 +63,8 @@ def contact_sheet(
 def plot_stream(stream: dict[str, np.ndarray], events: Sequence[dict[str, Any]], out, *,
                 size: tuple[int, int] = (1200, 480), smooth: int = 50) -> None:
     """Draw the normalised score over the stream (one dot per image, a running mean of ``smooth``
-    images), with drift alarms (red) and version switches (green, labelled) marked, as a PNG.
+    images), with drift alarms (red), the drift episode's fine-tune attempts (orange), rejections
+    and an unresolved episode (grey) and version switches (green, labelled) marked, as a PNG.
 
     ``stream`` is :meth:`~streamsim.catalog.Catalog.score_stream`'s result, ``events`` the
     catalog's event log.
@@ -102,7 +103,8 @@ def plot_stream(stream: dict[str, np.ndarray], events: Sequence[dict[str, Any]],
         mean = np.convolve(scores, np.ones(k) / k, mode="valid")
         draw.line([(x_of(i + k - 1), y_of(v)) for i, v in enumerate(mean)], fill=(20, 60, 200), width=2)
     for e in events:
-        if e.get("image_id") is None or e["kind"] not in ("drift", "activated", "rollback"):
+        if e.get("image_id") is None or e["kind"] not in ("drift", "activated", "rollback", "retraining", "rejected",
+                                                          "unresolved"):
             continue
         pos = int(np.searchsorted(ids, int(e["image_id"])))
         if pos >= n:
@@ -110,11 +112,19 @@ def plot_stream(stream: dict[str, np.ndarray], events: Sequence[dict[str, Any]],
         x = x_of(pos)
         if e["kind"] == "drift":
             draw.line([(x, top), (x, top + ph)], fill=(220, 30, 30), width=1)
+        elif e["kind"] == "retraining":  # an attempt of the drift episode starts
+            draw.line([(x, top + ph // 2), (x, top + ph)], fill=(240, 140, 0), width=2)
+            draw.text((x + 3, top + ph - 14), f"try {e['detail'].get('attempt', '')}", fill=(200, 110, 0), font=font)
+        elif e["kind"] == "rejected":
+            draw.text((x + 3, top + 16), "rejected", fill=(90, 90, 90), font=font)
+        elif e["kind"] == "unresolved":
+            draw.text((x + 3, top + 30), "UNRESOLVED", fill=(40, 40, 40), font=font)
         else:
             draw.line([(x, top), (x, top + ph)], fill=(20, 150, 40), width=2)
             draw.text((x + 3, top + 2), f"v{e['version']}", fill=(20, 120, 30), font=font)
     draw.text((left, h - bottom + 8), f"image 1 … {n} in arrival order   "
-              "red: drift alarm   green: version switched in   blue: running mean", fill="black", font=font)
+              "red: drift alarm   orange: fine-tune attempt   green: version switched in   blue: running mean",
+              fill="black", font=font)
     img.save(out)
 
 

@@ -170,7 +170,8 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
                    else f"error on the reference rose more than {margin:.0%}")
             store.catalog.update_version_meta(version, validation=validation)
             store.catalog.set_version_state(version, "rejected")
-            store.catalog.add_event("rejected", version=version, detail={"why": why, **validation})
+            store.catalog.add_event("rejected", version=version, image_id=store.catalog.max_image_id() or None,
+                                    detail={"why": why, **validation})
             return RetrainResult(version, "rejected", validation, why, time.monotonic() - started)
         meta = build_meta(candidate, meta_p["arch"], meta_p["config"], pixels, history, cfg, parent=parent,
                           version=version, reason=reason, seed=seed)

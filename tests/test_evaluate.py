@@ -98,3 +98,29 @@ def test_ranking_metrics_by_hand():
     assert r["p_at_10"] == pytest.approx((2 / 10 + 0) / 2)
     assert r["map"] == pytest.approx(((1 + 2 / 3) / 2 + 0) / 2)
     assert r["recall_at_100"] == pytest.approx((1 + 0) / 2)
+
+
+def test_eval_version_needs_a_store(tiny):
+    result = runner.invoke(app, ["eval", str(tiny), "--version", "2"])
+    assert result.exit_code == 1 and "--version needs --store" in result.output
+
+
+@pytest.mark.slow
+def test_eval_measures_a_stores_own_versions(tmp_path, tiny, digits):
+    from streamsim import Index
+
+    with Index.open(tmp_path / "s") as index:
+        index.add_many(digits[0][80:200])
+        index.train(epochs=1, activate=False)
+    reports = {}
+    for v in (1, 2):
+        result = runner.invoke(app, ["eval", str(tiny), "--store", str(tmp_path / "s"), "--version", str(v),
+                                     "--queries", "40", "--json"])
+        assert result.exit_code == 0, result.output
+        reports[v] = json.loads(result.output)
+        assert reports[v]["encoder"]["store"]["version"] == v
+    active = json.loads(runner.invoke(app, ["eval", str(tiny), "--store", str(tmp_path / "s"), "--queries", "40",
+                                            "--json"]).output)
+    assert active["encoder"]["store"]["version"] == 1  # version 2 was not activated
+    codes = {v: reports[v]["methods"]["streamsim"]["retrieval"] for v in reports}
+    assert codes[1] == active["methods"]["streamsim"]["retrieval"] and codes[1] != codes[2]
