@@ -19,6 +19,7 @@ call ``step`` now and then, ``stop`` at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,6 +32,7 @@ WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when adapt
 MIN_NEW = 256  # images since the estimated change point before a fine-tune starts ...
 RETRAIN_WAIT = 30.0  # ... or this many seconds after the alarm, whichever comes first
 ATTEMPTS = 3  # fine-tunes one drift episode may try before it is unresolved (the default budget)
+FINE_TUNE_NICE = 10  # a fine-tune's worker process runs this much nicer than ingest
 STATES = ("stable", "drifting", "adapting", "unresolved")
 UNRESOLVED_ADVICE = ("try `streamsim retrain --epochs 50 --margin 0.2`, or `streamsim train --arch conv` "
                      "for a fresh model trained on every stored image")
@@ -74,17 +76,32 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def retrain_in_worker(root: str, **kw: Any) -> dict[str, Any]:
+    """In a worker process: open the store as it is (another process owns its reconciliation)
+    and run :meth:`Index.retrain`; returns what it did, as plain values."""
+    from .index import Index
+
+    with Index.open(root, create=False, reconcile=False) as index:
+        r = index.retrain(reason="drift", **kw)
+    return {"state": r.state, "version": r.version, "seconds": r.seconds, "validation": r.validation,
+            "rejected_because": r.rejected_because}
+
+
 class Adapter:
     """The drift monitor of a store's active version and the episode an alarm opens.
 
     ``retrain``: fine-tune after an alarm (else alarms are recorded and the episode is left open for
     a later adapting stream, ``watch`` or ``retrain``); ``budget``: attempts per episode (default
     :data:`ATTEMPTS`); ``keep``: index files kept after a swap (:meth:`Index.prune`);
-    ``min_new`` / ``retrain_wait``: when the first attempt starts after an alarm."""
+    ``min_new`` / ``retrain_wait``: when the first attempt starts after an alarm; ``fine_tune``:
+    ``"process"`` (a lower-priority worker process, where worker processes are allowed:
+    :func:`streamsim.workers.workers_allowed`) or ``"thread"`` (in this process)."""
 
     def __init__(self, index, emit: Callable[[dict[str, Any]], None], *, retrain: bool = True,
                  budget: int | None = None, keep: int | None = None, min_new: int = MIN_NEW,
-                 retrain_wait: float = RETRAIN_WAIT):
+                 retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process"):
+        if fine_tune not in ("process", "thread"):
+            raise ValueError(f"fine_tune must be 'process' or 'thread', got {fine_tune!r}")
         if budget is not None and budget < 1:
             raise ValueError(f"budget must be at least 1 attempt, got {budget}")
         self.index = index
@@ -94,6 +111,7 @@ class Adapter:
         self.keep = keep
         self.min_new = min_new
         self.retrain_wait = retrain_wait
+        self.fine_tune = fine_tune
         self._monitor: drift.DriftMonitor | None = None
         self._episode: dict[str, Any] = {"state": "stable", "since_image_id": None, "attempts": 0}
         self._opened = time.monotonic()  # when the open episode's alarm came (or adaptation resumed)
@@ -197,14 +215,21 @@ class Adapter:
                      steps=steps, replay=replay)
 
         from .versions import BuildCancelled
+        from .workers import workers_allowed
+
+        in_process = self.fine_tune == "process" and workers_allowed()
 
         def work():
             try:
-                r = self.index.retrain(since=since, reason="drift", keep=self.keep, stop=self._build_stop,
-                                       steps=steps, replay=replay)
-                self._build_outcome = {"event": r.state if r.state == "rejected" else "activated", "version": r.version,
-                                       "seconds": round(r.seconds, 2), "validation": r.validation, "attempt": attempt,
-                                       **({"reason": r.rejected_because} if r.rejected_because else {})}
+                if in_process:
+                    r = self._retrain_in_child(since=since, steps=steps, replay=replay)
+                else:
+                    r = dataclasses.asdict(self.index.retrain(since=since, reason="drift", keep=self.keep,
+                                                              stop=self._build_stop, steps=steps, replay=replay))
+                self._build_outcome = {"event": r["state"] if r["state"] == "rejected" else "activated",
+                                       "version": r["version"], "seconds": round(r["seconds"], 2),
+                                       "validation": r["validation"], "attempt": attempt,
+                                       **({"reason": r["rejected_because"]} if r["rejected_because"] else {})}
             except BuildCancelled:
                 self._build_outcome = {"event": "build_cancelled", "attempt": attempt}
             except Exception as e:  # noqa: BLE001 - reported as an event; ingest goes on
@@ -212,6 +237,35 @@ class Adapter:
 
         self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
         self._build.start()
+
+    def _retrain_in_child(self, **kw) -> dict[str, Any]:
+        """Run the fine-tune in a worker process at a lower priority (:data:`FINE_TUNE_NICE`), so
+        that it takes the cores only when ingest and searches leave them; the worker builds and
+        switches the new version in the store itself, and this process picks it up at its next
+        search or store. A worker that dies or is cancelled leaves a half-built version, discarded
+        here at once."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+        from concurrent.futures.process import BrokenProcessPool
+
+        from .versions import BuildCancelled
+        from .workers import kill_pool, process_pool
+
+        pool = process_pool(1, nice=FINE_TUNE_NICE)
+        try:
+            future = pool.submit(retrain_in_worker, str(self.index.root), keep=self.keep, **kw)
+            while True:
+                try:
+                    return future.result(timeout=0.2)
+                except FutureTimeout:
+                    if self._build_stop.is_set():
+                        kill_pool(pool)
+                        self.index.recover()
+                        raise BuildCancelled("the fine-tune was cancelled") from None
+                except BrokenProcessPool:
+                    self.index.recover()
+                    raise RuntimeError("the fine-tune's process died") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def reap(self, *, wait: bool = False, timeout: float | None = None) -> None:
         """Report a fine-tune that has finished (with ``wait``, wait for a running one, up to

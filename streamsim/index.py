@@ -154,6 +154,10 @@ class Index:
     def __len__(self) -> int:
         return self.catalog.count_images()
 
+    def recover(self) -> None:
+        """Discard versions left half-built by a process that died (as opening the store does)."""
+        versions.discard_dead_builds(self._store)
+
     def check(self, *, repair: bool = False) -> dict[str, Any]:
         """Whether the store is whole: ``{"ok", "problems", "repaired", "notes", "images",
         "active_version"}`` (:func:`streamsim.check.run`; with ``repair``, what can be derived is

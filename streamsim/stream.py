@@ -174,7 +174,7 @@ class Stream:
     """
 
     def __init__(self, index, *, adapt: bool = True, budget: int | None = None, keep: int | None = None,
-                 min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT, lock=None):
+                 min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process", lock=None):
         self.index = index
         self._lock = lock if lock is not None else lock_store(Path(index.root))
         self._background: list[dict[str, Any]] = []
@@ -182,7 +182,7 @@ class Stream:
         self._cond = threading.Condition()
         try:
             self.adapter = Adapter(index, self._emit, retrain=adapt, budget=budget, keep=keep, min_new=min_new,
-                                   retrain_wait=retrain_wait)
+                                   retrain_wait=retrain_wait, fine_tune=fine_tune)
             self.adapter.warm()
         except BaseException:
             self._lock.close()

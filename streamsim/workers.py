@@ -98,10 +98,13 @@ def workers_allowed() -> bool:
         return False
 
 
-def _exit_with_parent(parent: int) -> None:
+def _exit_with_parent(parent: int, nice: int = 0) -> None:
     """In a worker: exit as soon as the process that started it is gone (even SIGKILLed), so
-    that no orphaned worker outlives a crashed watcher."""
+    that no orphaned worker outlives a crashed watcher; run ``nice`` lower in priority."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
 
     def watch():
         while os.getppid() == parent:
@@ -111,18 +114,18 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def process_pool(workers: int | None = None):
-    """Spawned worker processes that exit with this one; start them only where
-    :func:`workers_allowed`."""
+def process_pool(workers: int | None = None, *, nice: int = 0):
+    """Spawned worker processes that exit with this one (``nice``: that much lower in priority);
+    start them only where :func:`workers_allowed`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(),))
+                               initializer=_exit_with_parent, initargs=(os.getpid(), nice))
 
 
-def _kill(pool) -> None:
+def kill_pool(pool) -> None:
     """Stop a pool now, killing its workers (one may be stuck in a codec's C code)."""
     processes = list((getattr(pool, "_processes", None) or {}).values())
     for p in processes:
@@ -203,7 +206,7 @@ class Decoder:
                 # call, whose futures fail the same way) is retried one file at a time
                 if self._pool is pool:
                     self.crashes += 1
-                    _kill(pool)
+                    kill_pool(pool)
                     self._pool = None
                 results = self._one_by_one(chunk)
             yield from zip(chunk, results)
@@ -225,7 +228,7 @@ class Decoder:
             except FutureTimeout:
                 reason = TIMED_OUT.format(seconds=self.timeout)
             self.crashes += 1
-            _kill(self._pool)
+            kill_pool(self._pool)
             self._pool = None
             out.append(images.ImageError(str(f), reason))
         return out

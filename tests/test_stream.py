@@ -62,7 +62,7 @@ def test_the_drift_episode_from_alarm_to_unresolved(tmp_path, digits, monkeypatc
     retrain, calls = _fake_retrain(["rejected", "rejected"])
     monkeypatch.setattr(Index, "retrain", retrain)
     with Index.open(tmp_path / "s") as index:
-        with index.stream(budget=2, min_new=80) as stream:
+        with index.stream(budget=2, min_new=80, fine_tune="thread") as stream:  # the stub runs in this process
             events = [e for batch in np.array_split(old, 4) for e in stream.feed(batch)]
             assert "drift" not in [e["event"] for e in events] and stream.state == "stable"
             events = [e for batch in np.array_split(new[:100], 4) for e in stream.feed(batch)]
@@ -122,7 +122,7 @@ def test_add_opens_an_episode_that_a_later_stream_continues(tmp_path, digits, mo
                                      text=True).stdout)["drift"]["state"] == "drifting"
     retrain, calls = _fake_retrain(["rejected"])
     monkeypatch.setattr(Index, "retrain", retrain)
-    with Index.open(store) as index, index.stream(min_new=50) as stream:
+    with Index.open(store) as index, index.stream(min_new=50, fine_tune="thread") as stream:
         assert stream.state == "drifting"
         stream.step()
         stream.wait(30)
