@@ -56,7 +56,6 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -91,17 +90,6 @@ def _fuzz_init() -> None:
     from streamsim import images  # noqa: F401 - imported once per worker, not per chunk
 
 
-def _site(err: BaseException) -> str:
-    """``file:line function`` of the innermost streamsim frame (and of the innermost one overall)."""
-    tb = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in tb if "streamsim" in Path(f.filename).parts]
-    where = lambda f: f"{Path(f.filename).name}:{f.lineno} {f.name}"  # noqa: E731
-    site = where(ours[-1]) if ours else "?"
-    if tb and (not ours or tb[-1] is not ours[-1]):
-        site += f" -> {where(tb[-1])}"
-    return site
-
-
 def _wrong_return(out) -> str | None:
     from streamsim.images import PIXELS_SHAPE, Loaded
 
@@ -121,6 +109,7 @@ def _fuzz_chunk(items: list[tuple[int, bytes]]) -> list[tuple]:
 
     from streamsim import images
 
+    fuzz = _import_fuzz()
     out = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -136,7 +125,7 @@ def _fuzz_chunk(items: list[tuple[int, bytes]]) -> list[tuple]:
                 if not e.reason or e.source != "<bytes>":
                     code, detail = "other", ("ImageError", f"source={e.source!r} reason={e.reason!r}", "-")
             except Exception as e:  # noqa: BLE001 - what the benchmark counts
-                code, detail = "other", (type(e).__name__, str(e)[:200], _site(e))
+                code, detail = "other", (type(e).__name__, str(e)[:200], fuzz.error_site(e))
             else:
                 code = "ok"
                 wrong = _wrong_return(loaded)

@@ -21,10 +21,12 @@ Usage::
 from __future__ import annotations
 
 import io
+import traceback
 import random
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -323,3 +325,15 @@ def mutated_inputs(n: int, seed: int, extra: Sequence[np.ndarray] = ()) -> Itera
         name, data = seeds[rng.randrange(len(seeds))]
         out, ops = mutate_ops(data, rng)
         yield f"{name}#{i}:{'+'.join(ops)}", out
+
+
+def error_site(err: BaseException) -> str:
+    """``"file:line function"`` of the innermost streamsim frame of ``err`` (and of the innermost
+    frame overall, when that is elsewhere, e.g. in Pillow)."""
+    tb = traceback.extract_tb(err.__traceback__)
+    ours = [f for f in tb if "streamsim" in Path(f.filename).parts]
+    where = lambda f: f"{Path(f.filename).name}:{f.lineno} {f.name}"  # noqa: E731
+    site = where(ours[-1]) if ours else "?"
+    if tb and (not ours or tb[-1] is not ours[-1]):
+        site += f" -> {where(tb[-1])}"
+    return site

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from fuzz import mutated_inputs
+from fuzz import error_site, mutated_inputs
 from streamsim import images
 from streamsim.images import PIXELS_SHAPE, Frame, ImageError, Loaded
 
@@ -35,18 +34,6 @@ SLOW_FIXTURES: set[str] = set()  # fixtures too slow for the quick loop (none si
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _site(err: BaseException) -> str:
-    """``"file:line function"`` of the innermost streamsim frame of ``err`` (and of the innermost
-    frame overall, when that is elsewhere, e.g. in Pillow)."""
-    tb = traceback.extract_tb(err.__traceback__)
-    ours = [f for f in tb if "streamsim" in Path(f.filename).parts]
-    where = lambda f: f"{Path(f.filename).name}:{f.lineno} {f.name}"  # noqa: E731
-    site = where(ours[-1]) if ours else "?"
-    if tb and (not ours or tb[-1] is not ours[-1]):
-        site += f" -> {where(tb[-1])}"
-    return site
 
 
 def _check_loaded(out, frame: bool) -> str | None:
@@ -89,7 +76,7 @@ def test_load_raises_only_image_error_on_mutated_files():
                     if not err.reason or err.source != "<bytes>":
                         offenders.append(f"{label}: ImageError with source={err.source!r} reason={err.reason!r}")
                 except Exception as err:  # noqa: BLE001 - collected and reported below
-                    offenders.append(f"{label}: {type(err).__name__}: {err!r:.200} at {_site(err)}")
+                    offenders.append(f"{label}: {type(err).__name__}: {err!r:.200} at {error_site(err)}")
                 else:
                     wrong = _check_loaded(out, frame)
                     if wrong:
