@@ -197,9 +197,8 @@ class Index:
             good.append((len(out), loaded))
             out.append(None)
         done = ingest.store_images(self._store, [x for _, x in good])
-        for (i, x), s, z in zip(good, done.rows, done.scores):
-            out[i] = FileOutcome(x.path, "stored" if s.new else "duplicate", s.id, None,
-                                 z if s.new else None, done.version if s.new else None)
+        for j, (i, x) in enumerate(good):
+            out[i] = done.outcome(j, x.path)
         return out
 
     def stream(self, *, adapt: bool = True, budget: int | None = None, keep: int | None = None, **options: Any):

@@ -56,6 +56,12 @@ class Stored:
     version: int | None
     scores: list[float]
 
+    def outcome(self, j: int, path: str | None) -> FileOutcome:
+        """The outcome of the batch's ``j``-th image, stored under ``path``."""
+        s = self.rows[j]
+        return FileOutcome(path, "stored" if s.new else "duplicate", s.id, None,
+                           self.scores[j] if s.new else None, self.version if s.new else None)
+
 
 def store_images(store, loaded: Sequence[images.Loaded], journal: list[tuple[int, int] | None] | None = None) -> Stored:
     """Store loaded images in one catalog transaction (with ``journal``: each file's stat, journalled
@@ -106,7 +112,6 @@ def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tu
             out.append(FileOutcome(path, "pending", None, None))
     if to_store:
         done = store_images(store, [x for _, x, _ in to_store], journal=[st for _, _, st in to_store])
-        for (i, _, _), s, z in zip(to_store, done.rows, done.scores):
-            out[i] = FileOutcome(out[i].path, "stored" if s.new else "duplicate", s.id, None,
-                                 z if s.new else None, done.version if s.new else None)
+        for j, (i, _, _) in enumerate(to_store):
+            out[i] = done.outcome(j, out[i].path)
     return out

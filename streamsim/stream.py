@@ -348,7 +348,8 @@ class Watcher:
             self.stream = None
 
     def _background(self) -> None:
-        """Pass on what the stream did in the background (fine-tunes and their outcomes)."""
+        """Pass on what the stream did in the background (fine-tunes and their outcomes); an open
+        stream first starts an adaptation that came due (:meth:`Stream.events`)."""
         for event in self.stream.events() if self.stream is not None else ():
             self.on_event(event)
 
@@ -588,8 +589,7 @@ class Watcher:
                         self._drain_events(timeout=max(0.0, deadline - time.monotonic()))
                 if batch and not self._guarded(lambda: self._ingest_ready(stop)):
                     continue
-                self._guarded(self.stream.step)
-                self._background()
+                self._guarded(self._background)  # starts an adaptation that came due, passes on outcomes
                 self._guarded(self.index.autosave)
         finally:
             self._close_stream()
