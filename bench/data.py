@@ -66,3 +66,76 @@ def sklearn_digits():
     box = [np.asarray(Image.fromarray((im * 16).clip(0, 255).astype(np.uint8)).resize((20, 20), Image.BILINEAR))
            for im in d.images]
     return np.stack([np.pad(b, 4) for b in box]), d.target
+
+
+# Ten typefaces of Chinese characters from Debian's CJK font packages (fonts-noto-cjk,
+# fonts-arphic-ukai, fonts-arphic-uming, fonts-wqy-microhei, fonts-wqy-zenhei, fonts-ipafont-gothic,
+# fonts-ipafont-mincho): (file, face index in a collection, name).
+CJK_FACES = [
+    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc", "Noto Sans CJK SC", "Noto Sans SC"),
+    ("/usr/share/fonts/opentype/noto/NotoSansCJK-Bold.ttc", "Noto Sans CJK SC", "Noto Sans SC Bold"),
+    ("/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc", "Noto Serif CJK SC", "Noto Serif SC"),
+    ("/usr/share/fonts/opentype/noto/NotoSerifCJK-Bold.ttc", "Noto Serif CJK SC", "Noto Serif SC Bold"),
+    ("/usr/share/fonts/truetype/arphic/ukai.ttc", "AR PL UKai CN", "UKai"),
+    ("/usr/share/fonts/truetype/arphic/uming.ttc", "AR PL UMing CN", "UMing"),
+    ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc", "WenQuanYi Micro Hei", "WQY Micro Hei"),
+    ("/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc", "WenQuanYi Zen Hei", "WQY Zen Hei"),
+    ("/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf", "IPAGothic", "IPA Gothic"),
+    ("/usr/share/fonts/opentype/ipafont-mincho/ipam.ttf", "IPAMincho", "IPA Mincho"),
+]
+CJK_PACKAGES = ("fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-wqy-microhei fonts-wqy-zenhei "
+                "fonts-ipafont-gothic fonts-ipafont-mincho")
+
+
+def _cjk_fonts(size: int):
+    from PIL import ImageFont
+
+    fonts = []
+    for path, family, name in CJK_FACES:
+        for index in range(16):
+            try:
+                font = ImageFont.truetype(path, size, index=index)
+            except OSError:
+                if index == 0:
+                    raise SystemExit(f"missing {path}: apt-get install {CJK_PACKAGES}") from None
+                break
+            if font.getname()[0] == family:
+                fonts.append((name, font))
+                break
+    return fonts
+
+
+def common_hanzi() -> list[str]:
+    """The 3,755 most common simplified Chinese characters (GB 2312 level 1), in their order."""
+    out = []
+    for hi in range(0xB0, 0xD8):
+        for lo in range(0xA1, 0xFF):
+            try:
+                out.append(bytes([hi, lo]).decode("gb2312"))
+            except UnicodeDecodeError:
+                pass
+    return out
+
+
+def cjk_renders(chars, *, size: int = 48, canvas: int = 64):
+    """Each character in each of :data:`CJK_FACES`, black on white: (uint8 [N, canvas, canvas],
+    character labels [N], face names [N]); characters some face lacks are left out everywhere."""
+    from PIL import Image, ImageDraw
+
+    fonts = _cjk_fonts(size)
+
+    def draw(font, ch):
+        img = Image.new("L", (canvas, canvas), 255)
+        ImageDraw.Draw(img).text((canvas // 2, canvas // 2), ch, fill=0, font=font, anchor="mm")
+        return np.asarray(img)
+
+    missing = [draw(font, "\ue000") for _, font in fonts]  # a private-use point: the face's "no glyph"
+    out, labels, faces = [], [], []
+    for ch in chars:
+        imgs = [draw(font, ch) for _, font in fonts]
+        if any(np.array_equal(a, m) or a.min() > 128 for a, m in zip(imgs, missing)):
+            continue
+        out += imgs
+        labels += [ch] * len(fonts)
+        faces += [name for name, _ in fonts]
+    return np.stack(out), np.asarray(labels), np.asarray(faces)

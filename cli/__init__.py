@@ -104,7 +104,7 @@ def add(
                                          on_batch=(lambda outcomes: drifts.extend(stream.observe(outcomes))) if stream else None)
                 if stream is not None and adapt:
                     stream.step(now=True)
-                    stream.wait()
+                    stream.wait(now=True)  # every attempt the budget allows, until one is promoted
                     background = stream.events()
             finally:
                 if stream is not None:
@@ -286,6 +286,9 @@ def retrain(
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help=f"Default: about {defaults.FINETUNE_STEPS} optimiser steps.")] = None,
     replay: Annotated[float, typer.Option("--replay", min=0.0, help="Older images replayed, as a multiple of the recent ones.")] = 1.0,
     margin: Annotated[float, typer.Option("--margin", min=0.0, help="Allowed relative rise of the error on older (reference) images.")] = defaults.GATE_MARGIN,
+    retrieval_margin: Annotated[float, typer.Option("--retrieval-margin", min=0.0, max=1.0, help="Allowed drop of older images' self-retrieval top-1 (absolute).")] = defaults.RETRIEVAL_MARGIN,
+    fresh: Annotated[Optional[str], typer.Option("--fresh", help="Train a fresh model of this architecture (conv, mlp, dense) on the whole store instead of fine-tuning.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", min=1, help="Optimiser steps, instead of --epochs.")] = None,
     activate: Annotated[bool, typer.Option("--activate/--no-activate", help="Make the new version active if it passes the gate.")] = True,
     keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="Keep the index files of only the N newest versions (checkpoints are kept).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
@@ -297,8 +300,8 @@ def retrain(
     with _Errors():
         with _open(store, create=False) as index:
             parent = index.active_version
-            r = index.retrain(since=since, epochs=epochs, replay=replay, margin=margin, activate=activate,
-                              keep=keep, seed=seed)
+            r = index.retrain(since=since, epochs=epochs, steps=steps, replay=replay, margin=margin,
+                              retrieval_margin=retrieval_margin, fresh=fresh, activate=activate, keep=keep, seed=seed)
             result = {"version": r.version, "parent": parent, "state": r.state, "active_version": index.active_version,
                       "rejected_because": r.rejected_because, "validation": r.validation, "seconds": round(r.seconds, 2)}
         if as_json:
@@ -307,7 +310,8 @@ def retrain(
             v = r.validation
             typer.echo(f"version {r.version}: {r.state}"
                        + (f" ({r.rejected_because})" if r.rejected_because else "")
-                       + f"; recent error {v['recent_error_before']:.4f} → {v['recent_error_after']:.4f}, "
+                       + f"; recent retrieval {v['recent_retrieval_before']:.3f} → {v['recent_retrieval_after']:.3f}, "
+                       f"recent error {v['recent_error_before']:.4f} → {v['recent_error_after']:.4f}, "
                        f"reference error {v['reference_error_before']:.4f} → {v['reference_error_after']:.4f}; "
                        f"active version {result['active_version']} ({result['seconds']:.1f}s)")
         if r.state == "rejected":
@@ -509,6 +513,8 @@ def watch(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
     retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="Fine-tune in the background after a drift alarm.")] = True,
     keep: Annotated[Optional[int], typer.Option("--keep", min=1, help="After a swap keep the index files of only the N newest versions.")] = None,
+    attempts: Annotated[Optional[int], typer.Option("--attempts", min=1, help="Attempts per drift episode before it is unresolved (default 3: fine-tune, longer fine-tune, fresh conv model).")] = None,
+    cpu_budget: Annotated[Optional[float], typer.Option("--cpu-budget", min=1.0, help="CPU seconds per hour the attempts may use (default: no limit).")] = None,
     store: StoreOpt = Path(DEFAULT_STORE),
 ) -> None:
     """Ingest every image that lands in FOLDER, once, until SIGINT/SIGTERM (or with --once, now);
@@ -526,7 +532,7 @@ def watch(
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         config = WatchConfig(folder=folder, recursive=recursive, patterns=tuple(pattern or ()), settle=settle,
-                             rescan=rescan, retrain=retrain, keep=keep)
+                             rescan=rescan, retrain=retrain, keep=keep, attempts=attempts, cpu_budget=cpu_budget)
         with lock, _open(store) as index:
             if as_json:
                 def emit(event):

@@ -31,11 +31,27 @@ from .defaults import FINETUNE_STEPS
 WARM_SCORES = 5000  # recorded scores replayed into the drift monitor when adaptation resumes
 MIN_NEW = 256  # images since the estimated change point before a fine-tune starts ...
 RETRAIN_WAIT = 30.0  # ... or this many seconds after the alarm, whichever comes first
-ATTEMPTS = 3  # fine-tunes one drift episode may try before it is unresolved (the default budget)
+ATTEMPTS = 3  # attempts one drift episode may make before it is unresolved (the default budget)
+RETRY_AFTER = 60.0  # seconds after a failed attempt when the next one starts even if no more images came
+FRESH_ARCH = "conv"  # the last attempt of an episode trains a fresh model of this architecture
 FINE_TUNE_NICE = 10  # a fine-tune's worker process runs this much nicer than ingest
 STATES = ("stable", "drifting", "adapting", "unresolved")
-UNRESOLVED_ADVICE = ("try `streamsim retrain --epochs 50 --margin 0.2`, or `streamsim train --arch conv` "
-                     "for a fresh model trained on every stored image")
+UNRESOLVED_ADVICE = ("try `streamsim retrain --steps 5000 --replay 2`, `streamsim retrain --fresh conv --steps 6000`, "
+                     "or a looser gate (`--retrieval-margin 0.05 --margin 0.5`); `streamsim versions --json` has every "
+                     "attempt's numbers")
+
+
+def recipe(attempt: int, budget: int, steps: int = FINETUNE_STEPS) -> dict[str, Any]:
+    """What attempt ``attempt`` (1-based) of an episode with ``budget`` attempts trains: a fine-tune
+    with twice the optimiser steps and one more replay share each time; the last of two or more, a
+    fresh :data:`FRESH_ARCH` model on the whole store.
+
+    >>> [recipe(a, 3)["fresh"] for a in (1, 2, 3)], recipe(2, 3)["steps"]
+    ([None, None, 'conv'], 1600)
+    """
+    if budget >= 2 and attempt >= budget:
+        return {"steps": None, "replay": 1.0, "fresh": FRESH_ARCH}
+    return {"steps": steps * 2 ** (attempt - 1), "replay": float(attempt), "fresh": None}
 
 
 def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
@@ -81,10 +97,11 @@ def retrain_in_worker(root: str, **kw: Any) -> dict[str, Any]:
     and run :meth:`Index.retrain`; returns what it did, as plain values."""
     from .index import Index
 
+    cpu = time.process_time()
     with Index.open(root, create=False, reconcile=False) as index:
         r = index.retrain(reason="drift", **kw)
     return {"state": r.state, "version": r.version, "seconds": r.seconds, "validation": r.validation,
-            "rejected_because": r.rejected_because}
+            "rejected_because": r.rejected_because, "cpu_seconds": time.process_time() - cpu}
 
 
 class Adapter:
@@ -92,14 +109,19 @@ class Adapter:
 
     ``retrain``: fine-tune after an alarm (else alarms are recorded and the episode is left open for
     a later adapting stream, ``watch`` or ``retrain``); ``budget``: attempts per episode (default
-    :data:`ATTEMPTS`); ``keep``: index files kept after a swap (:meth:`Index.prune`);
+    :data:`ATTEMPTS`; each one's recipe: :func:`recipe`); ``cpu_budget``: CPU seconds the attempts
+    may use per hour (None: no limit; an attempt that would start past it waits, with a
+    ``budget_wait`` event); ``retry_after``: seconds after a failed attempt when the next starts
+    even if no more images came; ``steps``: the first fine-tune's optimiser steps;
+    ``keep``: index files kept after a swap (:meth:`Index.prune`);
     ``min_new`` / ``retrain_wait``: when the first attempt starts after an alarm; ``fine_tune``:
     ``"process"`` (a lower-priority worker process, where worker processes are allowed:
     :func:`streamsim.workers.workers_allowed`) or ``"thread"`` (in this process)."""
 
     def __init__(self, index, emit: Callable[[dict[str, Any]], None], *, retrain: bool = True,
                  budget: int | None = None, keep: int | None = None, min_new: int = MIN_NEW,
-                 retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process"):
+                 retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process", cpu_budget: float | None = None,
+                 retry_after: float = RETRY_AFTER, steps: int = FINETUNE_STEPS):
         if fine_tune not in ("process", "thread"):
             raise ValueError(f"fine_tune must be 'process' or 'thread', got {fine_tune!r}")
         if budget is not None and budget < 1:
@@ -107,7 +129,15 @@ class Adapter:
         self.index = index
         self.emit = emit
         self.retrain = retrain
+        if cpu_budget is not None and cpu_budget <= 0:
+            raise ValueError(f"cpu_budget must be a positive number of CPU seconds per hour, got {cpu_budget}")
         self.budget = ATTEMPTS if budget is None else int(budget)
+        self.cpu_budget = cpu_budget
+        self.retry_after = retry_after
+        self.steps = steps
+        self._spent: list[tuple[float, float]] = []  # (monotonic end, CPU seconds) of this run's attempts
+        self._ended = time.monotonic()  # when the last attempt ended
+        self._budget_waiting = False
         self.keep = keep
         self.min_new = min_new
         self.retrain_wait = retrain_wait
@@ -184,11 +214,18 @@ class Adapter:
                              "alarm_image_id": alarm.image_id, "attempts": 0}
             self._opened = time.monotonic()
 
+    def cpu_spent(self) -> float:
+        """CPU seconds this run's attempts used in the last hour."""
+        hour_ago = time.monotonic() - 3600.0
+        self._spent = [(t, c) for t, c in self._spent if t >= hour_ago]
+        return sum(c for _, c in self._spent)
+
     def step(self, *, now: bool = False) -> None:
         """Report a fine-tune that finished, and start the next attempt of an open episode when its
         time has come (the first once :attr:`min_new` images arrived since the change or
         :attr:`retrain_wait` seconds passed — with ``now``, as soon as there are enough to train on;
-        a retry once the images since the change have doubled since the last attempt)."""
+        a retry once the images since the change have doubled since the last attempt, or
+        :attr:`retry_after` seconds after it ended — with ``now``, at once), within the CPU budget."""
         from .versions import MIN_RECENT
 
         self.reap()
@@ -202,17 +239,26 @@ class Adapter:
         if ep["attempts"] == 0:
             if not (now or new >= self.min_new or time.monotonic() - self._opened >= self.retrain_wait):
                 return
-        elif new < 2 * int(ep.get("last_attempt_images") or 0):
+        elif not (now or new >= 2 * int(ep.get("last_attempt_images") or 0)
+                  or time.monotonic() - self._ended >= self.retry_after):
             return
+        if self.cpu_budget is not None and self.cpu_spent() >= self.cpu_budget:
+            if not self._budget_waiting:
+                self._budget_waiting = True
+                oldest = min(t for t, _ in self._spent)
+                self.emit({"event": "budget_wait", "cpu_seconds": round(self.cpu_spent(), 1),
+                           "cpu_budget": self.cpu_budget, "resume_in": round(oldest + 3600.0 - time.monotonic(), 1),
+                           "time": time.time()})
+            return
+        self._budget_waiting = False
         self._start(since, new)
 
     def _start(self, since: int, images: int) -> None:
         ep = self._episode
         attempt = ep["attempts"] + 1
-        steps, replay = FINETUNE_STEPS * 2 ** (attempt - 1), float(attempt)  # a stronger recipe each time
+        how = recipe(attempt, self.budget, self.steps)  # a stronger recipe each time
         ep.update(state="adapting", attempts=attempt, last_attempt_images=images)
-        self._record("retraining", since=since, images=images, attempt=attempt, budget=self.budget,
-                     steps=steps, replay=replay)
+        self._record("retraining", since=since, images=images, attempt=attempt, budget=self.budget, **how)
 
         from .versions import BuildCancelled
         from .workers import workers_allowed
@@ -222,18 +268,26 @@ class Adapter:
         def work():
             try:
                 if in_process:
-                    r = self._retrain_in_child(since=since, steps=steps, replay=replay)
+                    r = self._retrain_in_child(since=since, **how)
                 else:
+                    cpu = time.process_time()  # the whole process's: ingest's share too
                     r = dataclasses.asdict(self.index.retrain(since=since, reason="drift", keep=self.keep,
-                                                              stop=self._build_stop, steps=steps, replay=replay))
+                                                              stop=self._build_stop, **how))
+                    r["cpu_seconds"] = time.process_time() - cpu
                 self._build_outcome = {"event": r["state"] if r["state"] == "rejected" else "activated",
                                        "version": r["version"], "seconds": round(r["seconds"], 2),
+                                       "cpu_seconds": round(r["cpu_seconds"], 1),
                                        "validation": r["validation"], "attempt": attempt,
                                        **({"reason": r["rejected_because"]} if r["rejected_because"] else {})}
             except BuildCancelled:
                 self._build_outcome = {"event": "build_cancelled", "attempt": attempt}
             except Exception as e:  # noqa: BLE001 - reported as an event; ingest goes on
                 self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}", "attempt": attempt}
+            finally:
+                if "cpu_seconds" not in (self._build_outcome or {}):
+                    self._build_outcome = {**(self._build_outcome or {}), "cpu_seconds": round(time.monotonic() - wall, 1)}
+
+        wall = time.monotonic()
 
         self._build = threading.Thread(target=work, name="streamsim-retrain", daemon=True)
         self._build.start()
@@ -276,7 +330,9 @@ class Adapter:
         if self._build.is_alive():
             return
         self._build = None
+        self._ended = time.monotonic()
         outcome, self._build_outcome = self._build_outcome or {"event": "build_failed", "reason": "unknown"}, None
+        self._spent.append((self._ended, float(outcome.get("cpu_seconds") or 0.0)))
         if outcome["event"] == "build_cancelled":
             # recorded for the episode (the build itself recorded its failure as build_failed)
             self.index.catalog.add_event("build_cancelled", version=self.index.active_version,

@@ -157,16 +157,18 @@ MIN_STORE_CALIBRATION = 100  # stored images, at least, to calibrate the duplica
 STORE_CALIBRATION_FLOOR = 0.5  # a store's own calibration may lower the version's threshold to this share, not below
 
 
-def calibrate_store(store, *, seed: int = 0) -> dict[str, Any]:
-    """Recalibrate the active version's duplicate threshold on the store's own images (see
-    :meth:`streamsim.index.Index.calibrate_duplicates`), record it with the version, return it."""
+def calibrate_store(store, *, version: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """Recalibrate a version's (default: the active one's) duplicate threshold on the store's own
+    images (see :meth:`streamsim.index.Index.calibrate_duplicates`), record it with the version,
+    return it. Every new version is calibrated so before it is switched to, where the store holds
+    at least :data:`MIN_STORE_CALIBRATION` images (:func:`streamsim.versions.complete`)."""
     import time
 
     from . import verify
     from .search import version_threshold
     from .store import StoreError
 
-    version = store.active_version
+    version = store.active_version if version is None else int(version)
     ids = store.catalog.ids()
     if len(ids) < MIN_STORE_CALIBRATION:
         raise StoreError(f"calibrating on the store needs at least {MIN_STORE_CALIBRATION} stored images; "

@@ -354,16 +354,20 @@ class Index:
                               seed=seed, keep=keep, progress=progress)
 
     def retrain(self, *, since: int | None = None, epochs: int | None = None, steps: int | None = None,
-                replay: float = 1.0,
-                margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
+                replay: float = 1.0, margin: float = GATE_MARGIN, retrieval_margin: float | None = None,
+                fresh: str | None = None, reason: str = "manual", activate: bool = True,
                 keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
                 progress: Callable[[int, int, dict], None] | None = None) -> RetrainResult:
         """Fine-tune the active encoder on the images since a change (``since``, default
-        :meth:`change_start`), with a replay of older ones, and promote the result only if it
-        passes the validation gate: error on held-out recent images falls, error on the reference
-        rises by at most ``margin`` (:func:`streamsim.versions.retrain`). ``epochs`` defaults to about
-        ``steps`` optimiser steps (800). Setting ``stop`` cancels the build."""
-        return versions.retrain(self._store, since=since, epochs=epochs, steps=steps, replay=replay, margin=margin, reason=reason,
+        :meth:`change_start`), with a replay of older ones — or with ``fresh`` (an architecture:
+        ``"conv"``, ``"mlp"``, ``"dense"``) train a fresh model on the whole store — and promote the
+        result only if it passes the validation gate (:mod:`streamsim.gate`): retrieval of
+        perturbed copies of held-out recent images improves, that of older images drops by at most
+        ``retrieval_margin``, their reconstruction error rises by at most ``margin``
+        (:func:`streamsim.versions.retrain`). ``epochs`` defaults to about ``steps`` optimiser steps
+        (800; 2,400 for a fresh model). Setting ``stop`` cancels the build."""
+        return versions.retrain(self._store, since=since, epochs=epochs, steps=steps, replay=replay, margin=margin,
+                                retrieval_margin=retrieval_margin, fresh=fresh, reason=reason,
                                 activate=activate, keep=keep, seed=seed, stop=stop, progress=progress)
 
     def change_start(self) -> int:

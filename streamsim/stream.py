@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from . import images
-from .defaults import WATCH_RESCAN, WATCH_SETTLE
-from .adapt import MIN_NEW, RETRAIN_WAIT, Adapter
+from .defaults import FINETUNE_STEPS, WATCH_RESCAN, WATCH_SETTLE
+from .adapt import MIN_NEW, RETRAIN_WAIT, RETRY_AFTER, Adapter
 from .store import file_stat, try_lock
 from .workers import Decoder
 
@@ -79,6 +79,8 @@ class WatchConfig:
     keep: int | None = None  # index files to keep after a swap (see Index.prune); None: all
     min_new: int = MIN_NEW  # images since the estimated change point before a fine-tune starts ...
     retrain_wait: float = RETRAIN_WAIT  # ... or this many seconds after the alarm, whichever comes first
+    attempts: int | None = None  # attempts per drift episode (None: adapt.ATTEMPTS)
+    cpu_budget: float | None = None  # CPU seconds per hour the attempts may use (None: no limit)
 
 
 @dataclasses.dataclass
@@ -150,7 +152,7 @@ def lock_store(root: Path):
     return f
 
 
-BACKGROUND = ("retraining", "activated", "rejected", "build_failed", "build_cancelled", "unresolved")
+BACKGROUND = ("retraining", "activated", "rejected", "build_failed", "build_cancelled", "unresolved", "budget_wait")
 
 
 class Stream:
@@ -174,7 +176,9 @@ class Stream:
     """
 
     def __init__(self, index, *, adapt: bool = True, budget: int | None = None, keep: int | None = None,
-                 min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process", lock=None):
+                 min_new: int = MIN_NEW, retrain_wait: float = RETRAIN_WAIT, fine_tune: str = "process",
+                 cpu_budget: float | None = None, retry_after: float = RETRY_AFTER, steps: int = FINETUNE_STEPS,
+                 lock=None):
         self.index = index
         self._lock = lock if lock is not None else lock_store(Path(index.root))
         self._background: list[dict[str, Any]] = []
@@ -182,7 +186,8 @@ class Stream:
         self._cond = threading.Condition()
         try:
             self.adapter = Adapter(index, self._emit, retrain=adapt, budget=budget, keep=keep, min_new=min_new,
-                                   retrain_wait=retrain_wait, fine_tune=fine_tune)
+                                   retrain_wait=retrain_wait, fine_tune=fine_tune, cpu_budget=cpu_budget,
+                                   retry_after=retry_after, steps=steps)
             self.adapter.warm()
         except BaseException:
             self._lock.close()
@@ -282,10 +287,12 @@ class Stream:
                     return out
                 self._cond.wait(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    def wait(self, timeout: float | None = None) -> bool:
+    def wait(self, timeout: float | None = None, *, now: bool = False) -> bool:
         """Wait up to ``timeout`` seconds (``None``: for as long as it takes) until no fine-tune is
         running or due: a retry that comes due when an attempt is rejected starts and is waited
-        for too. True once none is (the outcomes are then in :meth:`events`)."""
+        for too — with ``now``, every retry is due at once, so the episode ends resolved or with
+        its budget spent (or waiting for CPU budget). True once none is (the outcomes are then in
+        :meth:`events`)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -293,7 +300,7 @@ class Stream:
             if self.adapter.building:
                 return False
             if not self._closed:
-                self.adapter.step()
+                self.adapter.step(now=now)
             if not self.adapter.building:
                 return True
 
@@ -339,7 +346,8 @@ class Watcher:
 
     def _open_stream(self) -> None:
         self.stream = Stream(self.index, adapt=self.config.retrain, keep=self.config.keep, min_new=self.config.min_new,
-                             retrain_wait=self.config.retrain_wait, lock=self._lock)
+                             retrain_wait=self.config.retrain_wait, budget=self.config.attempts,
+                             cpu_budget=self.config.cpu_budget, lock=self._lock)
 
     def _close_stream(self) -> None:
         if self.stream is not None:
@@ -554,8 +562,8 @@ class Watcher:
                     raise WatchError(f"giving up after {self._errors} errors in a row; the files not yet "
                                      "stored are taken by the next run")
             if not (stop is not None and stop.is_set()):
-                self.stream.step(now=True)  # a drift alarm in this catch-up: fine-tune before exiting
-                self.stream.wait()
+                self.stream.step(now=True)  # a drift alarm in this catch-up: adapt before exiting
+                self.stream.wait(now=True)
                 self._background()
         finally:
             self._close_stream()

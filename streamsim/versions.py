@@ -30,6 +30,8 @@ MIN_RECENT = 10  # images since the change needed to fine-tune at all
 MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
 REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
+FRESH_STEPS = 2400  # a fresh model after drift: about this many optimiser steps over the whole store
+FRESH_MAX = 50_000  # stored images, at most, a fresh model trains on (a seeded sample beyond that)
 
 
 class BuildCancelled(RuntimeError):
@@ -90,32 +92,41 @@ def train(store, pixels: np.ndarray | None = None, *, epochs: int = 10, activate
 
 
 def retrain(store, *, since: int | None = None, epochs: int | None = None, steps: int | None = None, replay: float = 1.0,
-            margin: float = GATE_MARGIN, reason: str = "manual", activate: bool = True,
-            keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
+            margin: float = GATE_MARGIN, retrieval_margin: float | None = None, fresh: str | None = None,
+            reason: str = "manual", activate: bool = True, keep: int | None = None, seed: int = 0,
+            stop: threading.Event | None = None,
             progress: Callable[[int, int, dict], None] | None = None) -> "RetrainResult":
-    """Fine-tune the active encoder on the images since a change, with a replay of older ones,
-    and promote the result only if it passes the validation gate.
+    """Fine-tune the active encoder on the images since a change, with a replay of older ones
+    (or, with ``fresh``, train a fresh model of that architecture on the whole store), and promote
+    the result only if it passes the validation gate (:mod:`streamsim.gate`).
 
     ``since``: the first image id of the change (default: :func:`change_start`). A fifth of
     those images is held out; the rest, plus ``replay`` times as many older images (at least
     ``MIN_REPLAY`` where the store has them), are the training set. Another sample of older
     images (up to ``REFERENCE_SAMPLE``) is the reference. The parent's own reference sample
     (kept with its checkpoint, see :func:`reference_sample`) is split in two: half is replayed
-    too, half joins the reference, so a small store does not forget what the encoder knew.
-    ``epochs`` defaults to about ``steps`` optimiser steps (default ``FINETUNE_STEPS``), however few the images;
-    the objective and corruptions are the parent's (:func:`parent_config`).
+    too, half joins the reference, so a small store does not forget what the encoder knew. A
+    fresh model trains on every stored image but the held-out ones (up to ``FRESH_MAX``), plus the
+    replayed half. ``epochs`` defaults to about ``steps`` optimiser steps (default
+    ``FINETUNE_STEPS``; ``FRESH_STEPS`` for a fresh model), however few the images; the objective
+    and corruptions are the parent's (:func:`parent_config`).
 
-    The new version is promoted when its reconstruction error on the held-out recent images is
-    lower than the parent's and its error on the reference rises by at most ``margin``
-    (relative); otherwise it is recorded as ``rejected`` with the numbers and the store keeps
-    its version. Setting ``stop`` cancels the build (the version is recorded as ``failed``).
+    The gate (:func:`streamsim.gate.judge`) compares the candidate with the parent on the held-out
+    recent images and the reference: self-retrieval of perturbed copies, neighbourhood agreement,
+    reconstruction error; ``retrieval_margin`` (default ``gate.RETRIEVAL_MARGIN``) and ``margin``
+    are its allowances. A rejected candidate is recorded as ``rejected`` with the numbers and the
+    store keeps its version. Setting ``stop`` cancels the build (the version is recorded as ``failed``).
     """
+    from . import gate
     from . import train as T
-    from .model import Encoder
+    from .model import ARCHITECTURES, DEFAULT_CONFIGS, UNKNOWN_ARCH_MSG, Encoder, build
 
     started = time.monotonic()
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
+    if fresh is not None and fresh not in ARCHITECTURES:
+        raise ValueError(UNKNOWN_ARCH_MSG.format(arch=fresh))
+    retrieval_margin = gate.RETRIEVAL_MARGIN if retrieval_margin is None else float(retrieval_margin)
     since = change_start(store.catalog) if since is None else int(since)
     ids = store.catalog.ids()
     recent, older = ids[ids >= since], ids[ids < since]
@@ -129,7 +140,12 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
     older = rng.permutation(older)
     n_ref = min(REFERENCE_SAMPLE, len(older) // 3)
     ref_ids, pool = older[:n_ref], older[n_ref:]
-    replay_ids = pool[: min(len(pool), max(int(round(len(fit_ids) * replay)), MIN_REPLAY if replay > 0 else 0))]
+    if fresh is None:
+        replay_ids = pool[: min(len(pool), max(int(round(len(fit_ids) * replay)), MIN_REPLAY if replay > 0 else 0))]
+    else:
+        replay_ids = pool
+        fit_ids = fit_ids[: max(FRESH_MAX // 2, FRESH_MAX - len(replay_ids))]
+        replay_ids = replay_ids[: FRESH_MAX - len(fit_ids)]
     train_ids = np.sort(np.concatenate([fit_ids, replay_ids]))
     parent = store.active_version
     # what the parent was trained for (kept with its checkpoint): half replayed, half checked
@@ -139,9 +155,17 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
     with building(store, parent=parent, reason=reason) as version:
         pixels = np.concatenate([store.catalog.pixels(train_ids), kept_replay])
         meta_p = store.meta(parent)
-        cfg = parent_config(meta_p, seed=seed, learning_rate=FINETUNE_LR)
+        if fresh is None:
+            arch, config = meta_p["arch"], meta_p["config"]
+            model = clone_model(store.encoder(parent))
+            cfg = parent_config(meta_p, seed=seed, learning_rate=FINETUNE_LR)
+        else:
+            arch, config = fresh, dict(DEFAULT_CONFIGS.get(fresh, {}))
+            model = build(arch, config, seed=seed)
+            cfg = parent_config(meta_p, seed=seed, learning_rate=T.TrainConfig().learning_rate)
         if epochs is None:
-            epochs = max(1, -(-(steps or FINETUNE_STEPS) // max(1, len(pixels) // cfg.batch_size)))
+            budget = steps or (FRESH_STEPS if fresh else FINETUNE_STEPS)
+            epochs = max(1, -(-budget // max(1, len(pixels) // cfg.batch_size)))
         cfg = dataclasses.replace(cfg, epochs=epochs)
 
         def tick(epoch, total, metrics):
@@ -150,34 +174,31 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
             if progress is not None:
                 progress(epoch, total, metrics)
 
-        model, history = T.fit(clone_model(store.encoder(parent)), pixels, cfg, progress=tick)
+        model, history = T.fit(model, pixels, cfg, progress=tick)
         candidate = Encoder(model)
         val_px, ref_px = store.catalog.pixels(val_ids), np.concatenate([store.catalog.pixels(ref_ids), kept_check])
-        before = {"recent": mean_error(store.encoder(parent), val_px), "reference": mean_error(store.encoder(parent), ref_px)}
-        after = {"recent": mean_error(candidate, val_px), "reference": mean_error(candidate, ref_px)}
-        checks = {"recent_error_falls": bool(after["recent"] < before["recent"]),
-                  "reference_within_margin": bool(len(ref_px) == 0 or after["reference"] <= before["reference"] * (1 + margin))}
+        verdict = gate.judge(store.encoder(parent), candidate, val_px, ref_px, margin=margin,
+                             retrieval_margin=retrieval_margin, seed=seed)
+        why = verdict.pop("why", None)
         validation = {
             "since_image_id": since, "recent_images": int(len(recent)), "trained_on_recent": int(len(fit_ids)),
             "replayed": int(len(replay_ids) + len(kept_replay)), "held_out_recent": int(len(val_ids)),
-            "reference_images": int(len(ref_px)),
-            "recent_error_before": before["recent"], "recent_error_after": after["recent"],
-            "reference_error_before": before["reference"], "reference_error_after": after["reference"],
-            "margin": margin, **checks, "passed": all(checks.values()),
+            "reference_images": int(len(ref_px)), "recipe": {"fresh": fresh, "arch": arch, "epochs": cfg.epochs,
+                                                            "steps": int(cfg.epochs * max(1, len(pixels) // cfg.batch_size)),
+                                                            "replay": replay, "images": int(len(pixels))},
+            **verdict,
         }
         if not validation["passed"]:
-            why = ("error on recent images did not fall" if not checks["recent_error_falls"]
-                   else f"error on the reference rose more than {margin:.0%}")
             store.catalog.update_version_meta(version, validation=validation)
             store.catalog.set_version_state(version, "rejected")
             store.catalog.add_event("rejected", version=version, image_id=store.catalog.max_image_id() or None,
                                     detail={"why": why, **validation})
             return RetrainResult(version, "rejected", validation, why, time.monotonic() - started)
-        meta = build_meta(candidate, meta_p["arch"], meta_p["config"], pixels, history, cfg, parent=parent,
+        meta = build_meta(candidate, arch, config, pixels, history, cfg, parent=parent,
                           version=version, reason=reason, seed=seed)
         meta["validation"] = validation
         complete(store, version, candidate, meta, activate=activate, keep=keep, stop=stop,
-                       reference=reference_sample(pixels, seed=seed))
+                 reference=reference_sample(pixels, seed=seed))
     state = "active" if activate else "ready"
     return RetrainResult(version, state, validation, None, time.monotonic() - started)
 
@@ -249,6 +270,8 @@ def complete(store, version: int, enc, meta: dict[str, Any], *, activate: bool, 
     the background of searches, switch."""
     from flax import nnx
 
+    from .calibrate import MIN_STORE_CALIBRATION, calibrate_store
+
     encoders.save(nnx.merge(enc.graphdef, enc.state), encoder_dir(store.root, version), meta,
                   reference=reference)
     store.remember(version, enc, meta)
@@ -257,6 +280,8 @@ def complete(store, version: int, enc, meta: dict[str, Any], *, activate: bool, 
     # built while the active version keeps serving; images added meanwhile are caught up
     # when this version is switched to (now, or by a later rollback)
     store.sync_vectors(version)
+    if store.catalog.count_images() >= MIN_STORE_CALIBRATION:  # duplicate mode stays right on the store's own images
+        calibrate_store(store, version=version)
     with store.lock:
         store.catalog.update_version_meta(version, **summary(meta),
                                          **{CHECKPOINT_HASH: checkpoint_digest(encoder_dir(store.root, version))})

@@ -48,8 +48,8 @@ def _fake_retrain(results):
     real one does (a rejected version and its event)."""
     calls = []
 
-    def retrain(self, *, since=None, reason="manual", keep=None, stop=None, steps=None, replay=1.0, **kw):
-        calls.append({"since": since, "steps": steps, "replay": replay})
+    def retrain(self, *, since=None, reason="manual", keep=None, stop=None, steps=None, replay=1.0, fresh=None, **kw):
+        calls.append({"since": since, "steps": steps, "replay": replay, "fresh": fresh})
         version = self.catalog.new_version(state="rejected", parent=self.active_version, reason=reason)
         self.catalog.add_event("rejected", version=version, detail={"why": "forced"})
         return RetrainResult(version, results[len(calls) - 1], {"forced": True}, "forced", 0.0)
@@ -74,14 +74,15 @@ def test_the_drift_episode_from_alarm_to_unresolved(tmp_path, digits, monkeypatc
             assert [e["event"] for e in first] == ["retraining", "rejected"]
             assert stream.state == "drifting" and first[0]["attempt"] == 1
             assert index.status()["drift"]["state"] == "drifting"
-            # the retry waits until the images since the change have doubled, and is stronger
+            # the retry waits until the images since the change have doubled (or a minute has passed),
+            # and is stronger: the last attempt of the budget is a fresh model on the whole store
             stream.feed(new[100:130])
             assert stream.events() == [] and len(calls) == 1
             stream.feed(new[130:])
             stream.wait(30)
             second = stream.events(timeout=5)
             assert [e["event"] for e in second] == ["retraining", "rejected", "unresolved"]
-            assert calls[1]["steps"] == 2 * calls[0]["steps"] and calls[1]["replay"] > calls[0]["replay"]
+            assert calls[0]["fresh"] is None and calls[1]["fresh"] == "conv"
             assert "retrain" in second[-1]["advice"]
             assert stream.state == "unresolved"
         status = index.status()["drift"]

@@ -109,7 +109,9 @@ def test_versions_and_events_record_the_swap(retrained):
         scored = index.catalog.scores_of([new_id])
     assert rows[1]["state"] == "ready" and rows[2]["state"] == "active"
     assert rows[2]["parent"] == 1 and rows[2]["reason"] == "drift" and rows[2]["validation"]["passed"]
-    assert kinds[-2:] == ["version_created", "activated"]
+    # the new version is calibrated on the store's own images before it is switched to
+    assert kinds[-3:] == ["version_created", "calibrated", "activated"]
+    assert rows[2]["store_calibration"]["version"] == 2 and rows[2]["duplicate_threshold"] > 0
     assert scored[new_id][0] == 2
 
 
@@ -138,7 +140,7 @@ def test_gate_rejects_a_fine_tune_that_forgets(drifted, tmp_path):
         # encoder, trained long, loses nothing in 3 epochs: its reference error even falls)
         r = index.retrain(since=N_DIGITS + 1, epochs=20, replay=0.0, margin=0.0)
         assert r.state == "rejected" and not r.promoted and r.rejected_because
-        assert not r.validation["passed"] and not r.validation["reference_within_margin"]
+        assert not r.validation["passed"] and not r.validation["reference_retrieval_within_margin"]
         assert index.active_version == 1
         rows = {v["version"]: v for v in index.versions()}
         assert rows[r.version]["state"] == "rejected"
