@@ -131,8 +131,10 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(args.seed)
     hanzi = common_hanzi()
-    pick = rng.permutation(len(hanzi))[: int((args.chars + args.unseen) * 1.2)]  # some lack a face
+    pick = rng.permutation(len(hanzi))[: int((args.chars + args.unseen) * 2.5)]  # the Japanese faces lack some
     raw, labels, faces = cjk_renders([hanzi[i] for i in pick])
+    if len(set(labels.tolist())) < args.chars + args.unseen:
+        raise SystemExit(f"only {len(set(labels.tolist()))} characters are in every typeface")
     chars = list(dict.fromkeys(labels.tolist()))
     stream_chars, unseen_chars = set(chars[: args.chars]), set(chars[args.chars : args.chars + args.unseen])
     in_stream = np.isin(labels, list(stream_chars))
@@ -187,6 +189,7 @@ def main(argv=None) -> int:
         report["attempts"] = []
         for t, e in events.of("retraining", *OUTCOMES, "unresolved", "budget_wait"):
             row = {"event": e["event"], "seconds_after_switch": round(t - switch, 1)}
+            print(f"{row['seconds_after_switch']:7.1f}s {e['event']} {e.get('version', '')}", file=sys.stderr)
             row.update({k: v for k, v in e.items() if k not in ("event", "time")})
             report["attempts"].append(row)
         activated = [t for t, e in events.of("activated")]

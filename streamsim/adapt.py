@@ -10,7 +10,12 @@ open and the next attempt waits until the images since the change have doubled, 
 recipe (twice the optimiser steps and more replay each time); when the episode's budget of attempts
 is spent it is ``unresolved``, said in an ``unresolved`` event with what to try. Every step is an
 event in the store's log, so the episode survives restarts: :func:`episode` reads it back, and
-``streamsim status`` shows it.
+``streamsim status`` shows it. A promoted version was trained on the first few hundred images of
+the change; as the new data keeps coming it is *refined* — fine-tuned again on every image since
+the change each time they have doubled (at most :data:`REFINEMENTS` times), through the same gate;
+the first refinement the gate rejects ends the refining. The new version's drift scores are
+measured against held-out images since the change, so the stream going on as it is raises no new
+alarm.
 
 An :class:`Adapter` is driven by whoever stores images — :class:`~streamsim.stream.Stream`, which
 the folder watcher, ``streamsim add`` and programs feed: ``feed`` it the stored images' scores,
@@ -34,6 +39,7 @@ RETRAIN_WAIT = 30.0  # ... or this many seconds after the alarm, whichever comes
 ATTEMPTS = 3  # attempts one drift episode may make before it is unresolved (the default budget)
 RETRY_AFTER = 60.0  # seconds after a failed attempt when the next one starts even if no more images came
 FRESH_ARCH = "conv"  # the last attempt of an episode trains a fresh model of this architecture
+REFINEMENTS = 3  # fine-tunes after a promoted one, each once the images since the change have doubled
 FINE_TUNE_NICE = 10  # a fine-tune's worker process runs this much nicer than ingest
 STATES = ("stable", "drifting", "adapting", "unresolved")
 UNRESOLVED_ADVICE = ("try `streamsim retrain --steps 5000 --replay 2`, `streamsim retrain --fresh conv --steps 6000`, "
@@ -63,7 +69,9 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     while one is ``drifting`` or ``unresolved`` (the data changed again: the newest change is what
     to adapt to), but not while an attempt runs; ``retraining`` is an attempt (``adapting``);
     ``rejected`` / ``build_failed`` / ``build_cancelled`` leave it ``drifting``; ``unresolved``
-    closes the attempts.
+    closes the attempts. A promoted attempt leaves it ``stable`` with ``refine`` (``since``,
+    ``images`` trained on, ``count`` of refinements so far): a *refinement* (a ``retraining`` event
+    with ``refinement``) is ``adapting`` too; its rejection or failure ends the refining.
 
     >>> episode([{"kind": "drift", "image_id": 40, "detail": {"change_image_id": 31}},
     ...          {"kind": "retraining", "image_id": None, "detail": {"images": 300}},
@@ -73,8 +81,17 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
     for e in events:
         kind, detail = e["kind"], e.get("detail") or {}
-        if kind in ("activated", "rollback"):
+        if kind == "activated" and out["state"] == "adapting":  # an attempt promoted: refine it as data comes
+            out = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0,
+                   "refine": {"since": out["since_image_id"], "images": out.get("last_attempt_images") or 0,
+                              "count": out.get("refining", 0)}}
+        elif kind in ("activated", "rollback"):
             out = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
+        elif kind == "retraining" and out["state"] == "stable" and detail.get("refinement") and out.get("refine"):
+            out.update(state="adapting", since_image_id=out["refine"]["since"], refining=detail["refinement"],
+                       last_attempt_images=detail.get("images"))
+        elif out.get("refining") and kind in ("rejected", "build_failed", "build_cancelled"):
+            out = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}  # refined enough
         elif kind == "drift" and out["state"] in ("stable", "drifting", "unresolved"):
             # an alarm while no attempt runs: the data changed (again): adapt to the newest change
             out = {"state": "drifting", "since_image_id": detail.get("change_image_id") or e.get("image_id"),
@@ -230,7 +247,12 @@ class Adapter:
 
         self.reap()
         ep = self._episode
-        if not self.retrain or self._build is not None or ep["state"] not in ("drifting", "adapting"):
+        if not self.retrain or self._build is not None:
+            return
+        if ep["state"] == "stable":
+            self._refine()
+            return
+        if ep["state"] not in ("drifting", "adapting"):
             return
         since = int(ep["since_image_id"] or 1)
         new = self.index.catalog.count_images_from(since)
@@ -242,6 +264,22 @@ class Adapter:
         elif not (now or new >= 2 * int(ep.get("last_attempt_images") or 0)
                   or time.monotonic() - self._ended >= self.retry_after):
             return
+        if self._within_budget():
+            self._start(since, new)
+
+    def _refine(self) -> None:
+        """After a promoted attempt the new data keeps coming: fine-tune the new version again on
+        every image since the change once they have doubled since it was trained, up to
+        :data:`REFINEMENTS` times; a refinement the gate rejects means it has converged."""
+        ref = self._episode.get("refine")
+        if not ref or ref["count"] >= REFINEMENTS:
+            return
+        new = self.index.catalog.count_images_from(int(ref["since"]))
+        if new >= 2 * int(ref["images"]) and self._within_budget():
+            self._start(int(ref["since"]), new, refinement=ref["count"] + 1)
+
+    def _within_budget(self) -> bool:
+        """Whether the CPU budget leaves room for an attempt now (once per wait, a ``budget_wait`` event)."""
         if self.cpu_budget is not None and self.cpu_spent() >= self.cpu_budget:
             if not self._budget_waiting:
                 self._budget_waiting = True
@@ -249,16 +287,22 @@ class Adapter:
                 self.emit({"event": "budget_wait", "cpu_seconds": round(self.cpu_spent(), 1),
                            "cpu_budget": self.cpu_budget, "resume_in": round(oldest + 3600.0 - time.monotonic(), 1),
                            "time": time.time()})
-            return
+            return False
         self._budget_waiting = False
-        self._start(since, new)
+        return True
 
-    def _start(self, since: int, images: int) -> None:
+    def _start(self, since: int, images: int, *, refinement: int | None = None) -> None:
         ep = self._episode
-        attempt = ep["attempts"] + 1
-        how = recipe(attempt, self.budget, self.steps)  # a stronger recipe each time
-        ep.update(state="adapting", attempts=attempt, last_attempt_images=images)
-        self._record("retraining", since=since, images=images, attempt=attempt, budget=self.budget, **how)
+        if refinement is None:
+            attempt = ep["attempts"] + 1
+            how = recipe(attempt, self.budget, self.steps)  # a stronger recipe each time
+            ep.update(state="adapting", attempts=attempt, last_attempt_images=images)
+            self._record("retraining", since=since, images=images, attempt=attempt, budget=self.budget, **how)
+        else:
+            attempt = None
+            how = recipe(1, self.budget, self.steps)  # the same fine-tune, on more of the new data
+            ep.update(state="adapting", since_image_id=since, refining=refinement, last_attempt_images=images)
+            self._record("retraining", since=since, images=images, refinement=refinement, **how)
 
         from .versions import BuildCancelled
         from .workers import workers_allowed
@@ -284,6 +328,8 @@ class Adapter:
             except Exception as e:  # noqa: BLE001 - reported as an event; ingest goes on
                 self._build_outcome = {"event": "build_failed", "reason": f"{type(e).__name__}: {e}", "attempt": attempt}
             finally:
+                if refinement is not None:
+                    self._build_outcome = {**(self._build_outcome or {}), "refinement": refinement}
                 if "cpu_seconds" not in (self._build_outcome or {}):
                     self._build_outcome = {**(self._build_outcome or {}), "cpu_seconds": round(time.monotonic() - wall, 1)}
 
@@ -339,8 +385,12 @@ class Adapter:
                                          detail={"attempt": outcome.get("attempt")})
         self.emit({**outcome, "time": time.time()})
         ep = self._episode
+        stable = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
         if outcome["event"] == "activated":
-            self._episode = {"state": "stable", "since_image_id": None, "alarm_image_id": None, "attempts": 0}
+            self._episode = {**stable, "refine": {"since": ep["since_image_id"], "images": ep["last_attempt_images"],
+                                                  "count": ep.get("refining", 0)}}
+        elif ep.get("refining"):
+            self._episode = stable  # the gate found nothing better: refined enough
         elif ep["attempts"] >= self.budget:
             ep["state"] = "unresolved"
             self._record("unresolved", since=ep["since_image_id"], attempts=ep["attempts"], advice=UNRESOLVED_ADVICE)

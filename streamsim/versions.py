@@ -31,6 +31,7 @@ MIN_REPLAY = 256  # older images replayed at least (where the store has them)
 REFERENCE_SAMPLE = 500  # older images held out to check that old material is not forgotten
 REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
 FRESH_STEPS = 2400  # a fresh model after drift: about this many optimiser steps over the whole store
+MIN_DRIFT_REFERENCE = 30  # held-out recent images, at least, to measure a new version's drift scores against
 FRESH_MAX = 50_000  # stored images, at most, a fresh model trains on (a seeded sample beyond that)
 
 
@@ -197,6 +198,15 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
         meta = build_meta(candidate, arch, config, pixels, history, cfg, parent=parent,
                           version=version, reason=reason, seed=seed)
         meta["validation"] = validation
+        if len(val_px) >= MIN_DRIFT_REFERENCE:
+            # the new normal is the data since the change: its drift scores are measured against the
+            # held-out recent images (never trained on), so a stream that goes on as it is raises no alarm
+            from .drift import Normaliser
+
+            errors = candidate.encode_with_error(val_px)[1]
+            ink = val_px.reshape(len(val_px), -1).mean(axis=1) / 255.0
+            meta["drift_reference"] = Normaliser.fit(errors, ink).to_dict()
+            meta["drift_reference_sample"] = {"images": int(len(val_px)), "of": "held-out images since the change"}
         complete(store, version, candidate, meta, activate=activate, keep=keep, stop=stop,
                  reference=reference_sample(pixels, seed=seed))
     state = "active" if activate else "ready"

@@ -109,18 +109,38 @@ def misbehaving_loader(path, timeout):
     return workers.load_or_error(path, timeout)
 
 
-def dot_glyphs(n: int, seed: int = 1) -> np.ndarray:
-    """Glyphs of a made-up script: clusters of dots (uint8 [n, 56, 56], white on black)."""
+def _made_up_script(n: int, seed: int, strokes) -> np.ndarray:
+    """``n`` glyphs (uint8 [n, 56, 56], white on black), each drawn by ``strokes(draw, rng)``."""
     from PIL import ImageDraw
 
     rng = np.random.default_rng(seed)
     out = np.zeros((n, 56, 56), np.uint8)
     for i in range(n):
         im = Image.new("L", (56, 56), 0)
-        d = ImageDraw.Draw(im)
+        strokes(ImageDraw.Draw(im), rng)
+        out[i] = np.asarray(im)
+    return out
+
+
+def dot_glyphs(n: int, seed: int = 1) -> np.ndarray:
+    """Glyphs of a made-up script: clusters of dots (uint8 [n, 56, 56], white on black)."""
+
+    def dots(d, rng):
         for _ in range(rng.integers(6, 14)):
             x, y = rng.integers(6, 50, 2)
             r = rng.integers(2, 5)
             d.ellipse([x - r, y - r, x + r, y + r], fill=255)
-        out[i] = np.asarray(im)
-    return out
+
+    return _made_up_script(n, seed, dots)
+
+
+def bar_glyphs(n: int, seed: int = 1) -> np.ndarray:
+    """Glyphs of another made-up script: two to four thick straight strokes (uint8 [n, 56, 56],
+    white on black)."""
+
+    def bars(d, rng):
+        for _ in range(rng.integers(2, 5)):
+            x0, y0, x1, y1 = rng.integers(4, 52, 4)
+            d.line([x0, y0, x1, y1], fill=255, width=int(rng.integers(3, 6)))
+
+    return _made_up_script(n, seed, bars)

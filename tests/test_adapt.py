@@ -159,3 +159,38 @@ def test_watch_refuses_a_budget_that_is_no_budget(tmp_path):
     rc, out = cli_json("watch", str(tmp_path / "in"), "--once", "--attempts", "2", "--cpu-budget", "600",
                        "--store", str(tmp_path / "s"))
     assert rc == 0 and out["event"] == "stopped"
+
+
+def test_a_promoted_version_is_refined_as_the_new_data_doubles_until_the_gate_says_enough(tmp_path, digits,
+                                                                                       monkeypatch):
+    from streamsim.adapt import episode
+
+    old, new = digits[0][:200], dot_glyphs(900, seed=2)
+    retrain, calls = _fake_retrain(["active", "active", "rejected"])
+    monkeypatch.setattr(Index, "retrain", retrain)
+    with Index.open(tmp_path / "s") as index:
+        with index.stream(min_new=80, fine_tune="thread") as stream:
+            _drift(stream, old, new[:100])
+            stream.wait(30)
+            assert [e["event"] for e in stream.events(timeout=5)] == ["retraining", "activated"]
+            first = calls[0]["since"]
+            ep = index.status()["drift"]["episode"]
+            assert ep["state"] == "stable" and ep["refine"]["since"] == first and ep["refine"]["count"] == 0
+            short = 2 * ep["refine"]["images"] - index.catalog.count_images_from(first)  # until doubled
+            assert short > 1
+            stream.feed(new[100 : 100 + short - 1])
+            assert stream.events() == [] and len(calls) == 1
+            stream.feed(new[100 + short - 1 : 100 + short + 1])
+            stream.wait(30)
+            done = stream.events(timeout=5)
+            assert [e["event"] for e in done] == ["retraining", "activated"]
+            assert done[0]["refinement"] == 1 and calls[1]["since"] == first  # every image since the change
+            stream.feed(new[100 + short + 1 :])  # doubled again: the second refinement is rejected
+            stream.wait(30)
+            done = stream.events(timeout=5)
+            assert [e["event"] for e in done] == ["retraining", "rejected"] and done[1]["refinement"] == 2
+            assert stream.state == "stable"
+            stream.feed(dot_glyphs(600, seed=9))
+            assert stream.events() == [] and len(calls) == 3  # refined enough: no more
+        ep = episode(index.catalog.events())
+        assert ep["state"] == "stable" and "refine" not in ep

@@ -16,10 +16,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import dot_glyphs
+from helpers import bar_glyphs, dot_glyphs
 from streamsim import Index
 from streamsim.store import StoreError
 
@@ -316,3 +317,27 @@ def test_live_watcher_swaps_in_the_background_while_other_processes_search(tmp_p
     with Index.open(store) as index:
         assert index.active_version == 2
         assert {v["version"]: v["state"] for v in index.versions()} == {1: "ready", 2: "active"}  # parent kept
+
+
+def test_a_second_switch_adapts_too_and_every_version_can_be_made_active(retrained, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(retrained["root"], root)
+    bars = bar_glyphs(300, seed=4)
+    with Index.open(root) as index:
+        assert index.active_version == 2  # digits, then dots: adapted once
+        with index.stream(min_new=100, steps=150, retry_after=0.0, fine_tune="thread") as stream:
+            fed = [e for batch in np.array_split(bars, 6) for e in stream.feed(batch)]
+            assert [e["event"] for e in fed].count("drift") >= 1
+            stream.step(now=True)
+            assert stream.wait(600, now=True)
+            done = stream.events(timeout=5)
+            assert done[-1]["event"] == "activated", done
+            assert stream.state == "stable"
+        v3 = index.active_version
+        assert v3 > 2 and {v["version"]: v for v in index.versions()}[v3]["validation"]["passed"]
+        bar_id = index.search(bars[7], k=1)[0].id
+        for v in (1, 2, v3):  # back and forward: each version's encoder and index together
+            index.rollback(v)
+            hit = index.search(bars[7], k=1)[0]
+            assert hit.encoder_version == v and hit.id == bar_id
+        assert index.status()["drift"]["state"] == "stable"
