@@ -93,7 +93,7 @@ def evaluate(store: Path, unseen_raw, unseen_labels, digits, digit_labels) -> di
     from streamsim import Index
     from streamsim.perturb import normalise_all
 
-    unseen = normalise_all(unseen_raw)
+    unseen, digits = normalise_all(unseen_raw), normalise_all(digits)
     out: dict = {"centred_pixels": {"chars_p10": p_at_10(unseen.reshape(len(unseen), -1).astype(np.float32),
                                                          unseen_labels),
                                     "digits_p10": p_at_10(digits.reshape(len(digits), -1).astype(np.float32),

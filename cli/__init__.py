@@ -195,6 +195,14 @@ def status(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> N
         ep = d["episode"]
         typer.echo(f"drift state     {d['state']}" + (f" (since image {ep['since_image_id']}, {ep['attempts']} attempts)"
                                                      if d["state"] != "stable" else ""))
+        if d["state"] == "unresolved":
+            typer.echo(f"                no new version served the new images better: {ep['advice']}")
+        elif ep.get("refine"):
+            r = ep["refine"]
+            from streamsim.adapt import REFINEMENTS
+
+            typer.echo(f"                adapted to the images since {r['since']}; refined {r['count']} times"
+                       + (f", again once {2 * r['images']} of them are stored" if r["count"] < REFINEMENTS else ""))
 
 
 @app.command()

@@ -106,6 +106,7 @@ def episode(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
             out["state"] = "drifting"
         elif kind == "unresolved":
             out["state"] = "unresolved"
+            out["advice"] = detail.get("advice") or UNRESOLVED_ADVICE
     return out
 
 

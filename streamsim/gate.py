@@ -30,6 +30,7 @@ from .defaults import RETRIEVAL_MARGIN
 from .search import unit
 
 SAMPLE = 400  # images of each sample whose perturbed copies are searched
+COPIES = 4  # perturbed copies of each (different perturbations): a small held-out sample still measures
 NEIGHBOURS = 10  # neighbourhood agreement: the k nearest within the reference sample
 RULE = ("promote when recent self-retrieval top-1 rises (or stays level while the recent reconstruction error "
         "falls), reference self-retrieval top-1 drops by at most retrieval_margin (absolute) and the reference "
@@ -38,8 +39,8 @@ RULE = ("promote when recent self-retrieval top-1 rises (or stays level while th
 
 
 def queries(recent: np.ndarray, reference: np.ndarray, *, seed: int = 0) -> dict[str, Any]:
-    """The gate's fixed test: up to :data:`SAMPLE` images of each sample, their perturbed copies
-    (normalised as queries), and the gallery they are searched in (both samples, clean)."""
+    """The gate's fixed test: up to :data:`SAMPLE` images of each sample, :data:`COPIES` perturbed
+    copies of each (normalised as queries), and the gallery they are searched in (both samples, clean)."""
     from .perturb import normalise_all, random_copies
 
     rng = np.random.default_rng(seed)
@@ -48,6 +49,7 @@ def queries(recent: np.ndarray, reference: np.ndarray, *, seed: int = 0) -> dict
              "reference": len(recent) + np.sort(rng.permutation(len(reference))[:SAMPLE])}
     out: dict[str, Any] = {"gallery": gallery}
     for name, own in picks.items():
+        own = np.tile(own, COPIES)
         out[name] = (own, normalise_all(random_copies(gallery[own], seed=seed + 1), gallery[own]))
     return out
 

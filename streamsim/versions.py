@@ -32,6 +32,7 @@ REFERENCE_SAMPLE = 500  # older images held out to check that old material is no
 REFERENCE_KEEP = 1000  # training images kept with each checkpoint (replayed and checked by fine-tunes)
 FRESH_STEPS = 2400  # a fresh model after drift: about this many optimiser steps over the whole store
 MIN_DRIFT_REFERENCE = 30  # held-out recent images, at least, to measure a new version's drift scores against
+FRESH_MAX_EPOCHS = 100  # ... but not more passes over a small store than this
 FRESH_MAX = 50_000  # stored images, at most, a fresh model trains on (a seeded sample beyond that)
 
 
@@ -167,6 +168,8 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
         if epochs is None:
             budget = steps or (FRESH_STEPS if fresh else FINETUNE_STEPS)
             epochs = max(1, -(-budget // max(1, len(pixels) // cfg.batch_size)))
+            if fresh and steps is None:
+                epochs = min(epochs, FRESH_MAX_EPOCHS)  # a small store: each image seen often enough
         cfg = dataclasses.replace(cfg, epochs=epochs)
 
         def tick(epoch, total, metrics):

@@ -141,7 +141,9 @@ def test_gate_rejects_a_fine_tune_that_forgets(drifted, tmp_path):
         # encoder, trained long, loses nothing in 3 epochs: its reference error even falls)
         r = index.retrain(since=N_DIGITS + 1, epochs=20, replay=0.0, margin=0.0)
         assert r.state == "rejected" and not r.promoted and r.rejected_because
-        assert not r.validation["passed"] and not r.validation["reference_retrieval_within_margin"]
+        v = r.validation
+        assert not v["passed"] and v["reference_error_after"] > v["reference_error_before"]
+        assert not (v["reference_error_within_margin"] and v["reference_retrieval_within_margin"])
         assert index.active_version == 1
         rows = {v["version"]: v for v in index.versions()}
         assert rows[r.version]["state"] == "rejected"
