@@ -6,6 +6,7 @@ Every answer is compared with what the library (``Index``) or the command gives 
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -23,16 +24,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from fuzz import mutated_inputs
 from helpers import EXE, WatchProcess, cli_json, png_bytes, status as cli_status, write_pngs
 from streamsim import Index
-from streamsim.server import Server, thumbnail_url
+from streamsim.cli import app
+from streamsim.server import ServeError, Server, thumbnail_url
 from streamsim.store import drift_summary, events as store_events
 
 CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")  # Debian's; never `playwright install`
 FUZZ_SEED = 20261129
 FUZZ_INPUTS = 240
+FUZZ_FIXTURES = Path(__file__).parent / "data" / "fuzz"
 
 
 # ------------------------------------------------------------------------------------ HTTP
@@ -246,6 +250,8 @@ def test_duplicates_paginate_and_decisions_stick(served):
     assert decided[tuple(keep["ids"])] == "keep_all"  # still duplicates, kept: listed with --decided
     assert not any(set(ids) & set(apart["ids"]) for ids in decided), "images decided distinct are no group at all"
     assert cli_json("dedup", "--store", str(store)) == (0, want[2:])
+    res = CliRunner().invoke(app, ["dedup", "--decided", "--json", "--store", str(store)])
+    assert res.exit_code == 0 and {tuple(g["ids"]): g["decision"] for g in json.loads(res.stdout)} == decided
     kinds = [(e["decision"], e["ids"]) for e in ok(call("GET", url + "/api/events?kind=duplicates_decided"))]
     assert kinds == [("keep_all", keep["ids"]), ("not_duplicates", apart["ids"])]
 
@@ -319,6 +325,15 @@ def test_token_is_required_for_the_api(tmp_path):
         assert call("GET", url + "/").status == 200  # the page itself holds no data; it asks for the token
 
 
+def test_a_port_in_use_is_a_one_line_error(tmp_path):
+    with Index.open(tmp_path / "store") as index, Server(index, port=0) as first:
+        port = int(first.url.rsplit(":", 1)[1])
+        with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
+            Server(index, port=port)
+        with pytest.raises(ServeError, match="token"):
+            Server(index, host="0.0.0.0", port=0)
+
+
 def test_command_refuses_a_public_host_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "STREAMSIM_TOKEN"}
     for host in ("0.0.0.0", "192.168.1.20", "::"):
@@ -364,6 +379,13 @@ def test_upload_fuzzer_never_breaks_the_server(tmp_path, digits):
                 assert [o["name"] for o in out] == [n for n, _ in batch]
                 assert all(o["outcome"] in ("stored", "duplicate", "failed") for o in out)
                 assert all((o["id"] is None) == (o["outcome"] == "failed") for o in out)
+            else:
+                bad(r, (400, 413))
+        # the inputs that once broke the loader (tests/data/fuzz), one upload each
+        for f in sorted(p for p in FUZZ_FIXTURES.glob("*") if p.is_file() and p.suffix != ".md"):
+            r = call("POST", url + "/api/images", files=[(f.name, f.read_bytes())])
+            if r.status == 200:
+                assert [o["name"] for o in r.json()] == [f.name]
             else:
                 bad(r, (400, 413))
         for name, data in rng.sample(inputs, 24):
@@ -420,6 +442,13 @@ def test_page_searches_reviews_activates_and_follows_a_writer(browser, versioned
         ids = [int(x) for x in page.eval_on_selector_all("[data-testid=result]", "els => els.map(e => e.dataset.id)")]
         assert ids == [m.id for m in index.search(query, 10)]
         assert page.get_by_test_id("result-version").first.inner_text() == "v1"
+        # drag-and-drop onto the drop zone, and paste, search too
+        for how, digit in (("drop", digits[0][15]), ("paste", digits[0][16])):
+            data = png_bytes(digit)
+            page.evaluate(_DROP_OR_PASTE, [how, base64.b64encode(data).decode()])
+            want = [m.id for m in index.search(data, 10)]
+            page.wait_for_function("ids => JSON.stringify([...document.querySelectorAll('[data-testid=result]')]"
+                                   ".map(e => +e.dataset.id)) == JSON.stringify(ids)", arg=want)
         # decide on the first duplicate group; after a reload it stays decided
         groups = page.get_by_test_id("dup-group")
         groups.first.wait_for()
@@ -471,6 +500,15 @@ def test_page_asks_for_the_token_once(browser, template, tmp_path):
         expect_text(page.get_by_test_id("image-count"), str(len(index)))
         assert page.get_by_test_id("token-form").is_hidden()
         page.close()
+
+
+_DROP_OR_PASTE = """([how, b64]) => {
+  const file = new File([Uint8Array.from(atob(b64), c => c.charCodeAt(0))], "q.png", {type: "image/png"});
+  const dt = new DataTransfer();
+  dt.items.add(file);
+  if (how === "drop") document.querySelector("[data-testid=drop-zone]").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+  else document.dispatchEvent(new ClipboardEvent("paste", {clipboardData: dt, bubbles: true}));
+}"""
 
 
 def expect_text(locator, text: str, timeout: float = 15) -> None:
