@@ -86,9 +86,12 @@ def is_loopback(host: str) -> bool:
 
 
 def check_host(host: str, token: str | None) -> None:
-    """Refuse (:class:`ServeError`) to serve on a host other than loopback without a token."""
+    """Refuse (:class:`ServeError`) to serve on a host other than loopback without a token, and a
+    token that cannot travel in an HTTP header (printable ASCII, no spaces)."""
     if not is_loopback(host) and not token:
         raise ServeError(NO_TOKEN_MSG.format(host=host))
+    if token and not all(33 <= ord(c) <= 126 for c in token):
+        raise ServeError("the token must be printable ASCII without spaces (it travels in an HTTP header)")
 
 
 def thumbnail_url(image_id: int) -> str:

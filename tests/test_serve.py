@@ -330,13 +330,16 @@ def test_a_port_in_use_is_a_one_line_error(tmp_path):
         port = int(first.url.rsplit(":", 1)[1])
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port}"):
             Server(index, port=port)
-        with pytest.raises(ServeError, match="token"):
-            Server(index, host="0.0.0.0", port=0)
+        for host in ("0.0.0.0", "192.168.1.20", "example.org"):
+            with pytest.raises(ServeError, match="token"):
+                Server(index, host=host, port=0)
+        with pytest.raises(ServeError, match="ASCII"):
+            Server(index, port=0, token="pass word")
 
 
 def test_command_refuses_a_public_host_without_a_token(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "STREAMSIM_TOKEN"}
-    for host in ("0.0.0.0", "192.168.1.20", "::"):
+    for host in ("0.0.0.0", "::"):
         run = subprocess.run([EXE, "serve", "--host", host, "--port", "0", "--store", str(tmp_path / "s")],
                              capture_output=True, text=True, timeout=60, env=env)
         assert run.returncode != 0 and run.stdout == ""
