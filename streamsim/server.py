@@ -286,13 +286,15 @@ def create_app(index: Index, *, token: str | None = None, max_upload: int = MAX_
         return Response(buf.getvalue(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
     def groups() -> list[dict[str, Any]]:
-        """``Index.dedup``, recomputed only when the store, its version, its rule or its decisions changed."""
+        """``Index.dedup``, recomputed only when the store, its version, its rule or its decisions
+        changed — on an index of its own (the same store), so that searches go on meanwhile."""
         catalog = index.catalog
         with dedup_lock:
             key = (catalog.max_image_id(), len(index), index.active_version, index.duplicate_rule(),
                    len(catalog.decisions()))
             if dedup_cache["key"] != key:
-                dedup_cache["groups"], dedup_cache["key"] = index.dedup(), key
+                with Index.open(index.root, create=False, reconcile=False, policy=index.policy) as own:
+                    dedup_cache["groups"], dedup_cache["key"] = own.dedup(), key
             return dedup_cache["groups"]
 
     @app.get("/api/duplicates")
