@@ -394,12 +394,15 @@ def train(
 
 
 @app.command()
-def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) -> None:
+def dedup(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False,
+          decided: Annotated[bool, typer.Option("--decided", help="Also list the groups settled by a decision "
+                                                "(`serve`'s review), each with its \"decision\".")] = False) -> None:
     """Groups of duplicates: identical files, identical pixels, and near-duplicates within the active
-    version's calibrated duplicate threshold (the one `search --mode duplicate` uses)."""
+    version's calibrated duplicate threshold (the one `search --mode duplicate` uses). Groups
+    settled by a decision (not duplicates, keep all) are left out unless --decided."""
     with _Errors():
         with _open(store, create=False) as index:
-            groups = index.dedup()
+            groups = index.dedup(decided=decided)
         if as_json:
             _print_json(groups)
             return
@@ -584,6 +587,30 @@ def _watch_live(index, config, once: bool, stop, lock) -> None:
         holder["w"] = watcher = Watcher(index, config, on_event, lock=lock)
         watcher.run_once(stop) if once else watcher.run(stop)
         live.update(line())
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; other than loopback only with a token.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port (0: any free one).")] = 8765,
+    token: Annotated[Optional[str], typer.Option("--token", envvar="STREAMSIM_TOKEN", help="Every /api request must "
+                                                 "send `Authorization: Bearer TOKEN`.", show_default=False)] = None,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", min=0.001, help="Largest request body (uploads), in MB.")] = 20.0,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Serve the store over HTTP: a JSON API and a web page to search by image, review duplicates,
+    see versions and drift, and roll back (docs/serve.md). Runs until Ctrl-C."""
+    with _Errors():
+        try:
+            from streamsim.server import Server, check_host
+        except ImportError as err:
+            raise RuntimeError(f"serve needs the serve extra ({err.name} is missing): pip install 'streamsim[serve]'") from err
+
+        check_host(host, token)  # before the store and the encoder load
+        with _open(store) as index:
+            server = Server(index, host=host, port=port, token=token or None, max_upload=int(max_upload_mb * 1024 * 1024))
+            typer.echo(f"serving {index.root} on {server.url}/" + (" (token required)" if token else ""))
+            server.run()
 
 
 def main() -> None:

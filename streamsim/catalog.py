@@ -31,6 +31,9 @@ SCHEMA_VERSION = 1
 # retired: its index file was pruned (the checkpoint stays; rollback rebuilds the index);
 # rejected: failed the validation gate; failed: the build stopped (error, crash, cancel).
 VERSION_STATES = ("building", "ready", "active", "retired", "rejected", "failed")
+# not_duplicates: the images are distinct (dedup never links them to each other again);
+# keep_all: they are duplicates, all kept (dedup no longer lists the group unless an image joins it).
+DECISIONS = ("not_duplicates", "keep_all")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -87,6 +90,12 @@ CREATE TABLE IF NOT EXISTS events(
     image_id INTEGER,
     path TEXT,
     detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS decisions(         -- a person's verdict on a group of duplicates
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    decision TEXT NOT NULL,                    -- not_duplicates | keep_all
+    ids TEXT NOT NULL,                         -- JSON list of the group's image ids, sorted
+    time REAL NOT NULL
 );
 """
 
@@ -483,6 +492,32 @@ class Catalog:
 
     def events(self) -> list[dict[str, Any]]:
         return self._json_rows("SELECT time, kind, version, image_id, path, detail FROM events ORDER BY id", "detail")
+
+    # -- duplicate decisions -----------------------------------------------------------------
+
+    def add_decision(self, ids: Iterable[int], decision: str) -> dict[str, Any]:
+        """Record a verdict on a group of duplicates (one of :data:`DECISIONS`) with a
+        ``duplicates_decided`` event, in one transaction; ``ids`` must all be stored images.
+        Returns ``{"ids", "decision", "time"}``."""
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; choose one of {', '.join(DECISIONS)}")
+        ids = sorted({int(i) for i in ids})
+        if not ids:
+            raise ValueError("a decision needs the ids of the group's images")
+        missing = sorted(set(ids) - set(self.existing_ids(ids)))
+        if missing:
+            raise KeyError(f"no stored image {missing[0]}")
+        now = time.time()
+        with self.transaction() as db:
+            db.execute("INSERT INTO decisions(decision, ids, time) VALUES(?, ?, ?)", (decision, json.dumps(ids), now))
+            db.execute("INSERT INTO events(time, kind, detail) VALUES(?, 'duplicates_decided', ?)",
+                       (now, json.dumps({"decision": decision, "ids": ids})))
+        return {"ids": ids, "decision": decision, "time": now}
+
+    def decisions(self) -> list[dict[str, Any]]:
+        """Every recorded verdict on a group of duplicates, oldest first: ``{"ids", "decision", "time"}``."""
+        return [{"ids": json.loads(r["ids"]), "decision": r["decision"], "time": r["time"]}
+                for r in self._query("SELECT decision, ids, time FROM decisions ORDER BY id")]
 
 
 class _Transaction:

@@ -336,10 +336,18 @@ class Index:
 
         return calibrate_store(self._store, seed=seed)
 
-    def dedup(self, *, k: int = 16) -> list[dict[str, Any]]:
+    def dedup(self, *, k: int = 16, decided: bool = False) -> list[dict[str, Any]]:
         """Groups of duplicates across the store (:meth:`streamsim.search.Searcher.dedup`):
-        ``{"ids", "paths", "max_distance"}`` each, smallest id first."""
-        return self._searcher.dedup(k)
+        ``{"ids", "paths", "max_distance"}`` each, smallest id first. Groups settled by a
+        :meth:`decide` are left out (with ``decided``: listed, each with its ``"decision"``)."""
+        return self._searcher.dedup(k, decided=decided)
+
+    def decide(self, ids: Iterable[int], decision: str) -> dict[str, Any]:
+        """Record a verdict on a group of duplicates, kept in the catalog for every later
+        :meth:`dedup`: ``"not_duplicates"`` (the images are distinct: never linked to each other
+        again) or ``"keep_all"`` (duplicates, all kept: the group is not listed again unless another
+        image joins it). Returns ``{"ids", "decision", "time"}``."""
+        return self.catalog.add_decision(ids, decision)
 
     # -- versions -----------------------------------------------------------------------------
 

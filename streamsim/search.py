@@ -234,15 +234,22 @@ class Searcher:
         paths = self.store.catalog.first_paths({key for row in hits for key, _ in row if key >= 0})
         return [[Match(key, paths[key], d, version) for key, d in row if key in paths] for row in hits]
 
-    def dedup(self, k: int = 16) -> list[dict[str, Any]]:
+    def dedup(self, k: int = 16, *, decided: bool = False) -> list[dict[str, Any]]:
         """Groups of duplicates across the store, smallest id first: images stored under several
         paths, images with identical pixels, and near-duplicates — each stored image searched
         against the others and its nearest checked as a ``duplicate`` search checks a query's (a
         stored image is known by its pixels, so its frame is theirs), links joined transitively.
         Each group: ``{"ids", "paths", "max_distance"}``, where ``max_distance`` is the largest
         cosine distance of a link that joined the group (0 for identical pixels); each image's
-        ``k`` nearest neighbours are examined."""
+        ``k`` nearest neighbours are examined.
+
+        Recorded decisions (:meth:`~streamsim.catalog.Catalog.add_decision`) are respected: images
+        decided ``not_duplicates`` are never linked to each other, and a group whose images all lie
+        within one decision (``keep_all`` or ``not_duplicates``) is left out — or, with ``decided``,
+        listed with ``"decision"`` (``None`` for a group still to review)."""
         store, catalog = self.store, self.store.catalog
+        decisions = catalog.decisions()
+        apart = _Apart(d["ids"] for d in decisions if d["decision"] == "not_duplicates")
         links = _Links()
         with store.lock:
             v = store.active_version
@@ -250,7 +257,8 @@ class Searcher:
             store.catch_up(v)
             for g in catalog.identical_file_groups():
                 for i in g["ids"]:
-                    links.join(g["ids"][0], i, 0.0)
+                    if not apart(g["ids"][0], i):
+                        links.join(g["ids"][0], i, 0.0)
             ids = catalog.ids()
             width = k + 1
             for start in range(0, len(ids), DEDUP_CHUNK):
@@ -263,13 +271,31 @@ class Searcher:
                 frames = [Frame.of_pixels(p) for p in catalog.pixels(chunk)]
                 for a, row in zip(chunk, self._checked(frames, keys[:, :-1], dist[:, :-1], v, k)):
                     for b, d in row:
-                        links.join(int(a), b, d)
+                        if not apart(int(a), b):
+                            links.join(int(a), b, d)
         out = []
         for members, worst in links.groups():
             paths = [p for i in members for p in (catalog.get(i) or {}).get("paths", [])]
             if len(members) > 1 or len(paths) > 1:
-                out.append({"ids": members, "paths": paths, "max_distance": round(worst, 6)})
+                within = set(members)
+                decision = next((d["decision"] for d in reversed(decisions) if within <= set(d["ids"])), None)
+                if decision is None or decided:
+                    group = {"ids": members, "paths": paths, "max_distance": round(worst, 6)}
+                    out.append(group | {"decision": decision} if decided else group)
         return sorted(out, key=lambda g: g["ids"][0])
+
+
+class _Apart:
+    """Pairs of images decided ``not_duplicates``: ``apart(a, b)`` is true when one decision holds both."""
+
+    def __init__(self, groups):
+        self.of: dict[int, list[int]] = {}  # image id -> the decisions (by number) that name it
+        for n, ids in enumerate(groups):
+            for i in ids:
+                self.of.setdefault(int(i), []).append(n)
+
+    def __call__(self, a: int, b: int) -> bool:
+        return a != b and bool(self.of) and not set(self.of.get(a, ())).isdisjoint(self.of.get(b, ()))
 
 
 class _Links:
