@@ -56,6 +56,7 @@ class Engine:
     workers = 1
     min_images = 0
     decodes = False  # whether files are decoded by the engine's workers (else by the store's own)
+    encoded = 0  # images this engine has encoded so far
 
     def encode(self, checkpoint: Path, batches: Iterator[tuple[np.ndarray, np.ndarray]],
                progress: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -99,6 +100,7 @@ class LocalEngine(Engine):
         enc = self._encoder(Path(checkpoint))
         for ids, px in batches:
             codes, errors = enc.encode_with_error(px)
+            self.encoded += len(ids)
             if progress is not None:
                 progress(len(ids))
             yield ids, codes, errors
@@ -268,6 +270,7 @@ class RayEngine(Engine):
                     yield "encode", (key, files, ids[s : s + self.batch], ray.put(px[s : s + self.batch]))
 
         for ids, codes, errors in self._map(self.actors(), calls()):
+            self.encoded += len(ids)
             if progress is not None:
                 progress(len(ids))
             yield ids, codes, errors
@@ -276,7 +279,9 @@ class RayEngine(Engine):
         key, ref = self.checkpoint(checkpoint)
         files = [str(f) for f in files]
         calls = (("load_encode", (key, ref, files[s : s + batch], timeout)) for s in range(0, len(files), batch))
-        yield from self._map(self.actors(), calls)
+        for results, codes, errors in self._map(self.actors(), calls):
+            self.encoded += len(results)
+            yield results, codes, errors
 
     def close(self) -> None:
         for a in self._actors:
@@ -378,6 +383,10 @@ def reindex(store, version: int | None = None, *, engine: "str | Engine | None" 
     if info["state"] not in ("active", "ready", "retired") or not encoders.is_complete(encoder_dir(store.root, version)):
         raise StoreError(f"encoder version {version} has no index to rebuild (state {info['state']}); "
                          "choose a ready, retired or active version from `streamsim versions`")
+    if is_local(engine) and not isinstance(engine, Engine):
+        if address is not None:
+            raise ValueError(ADDRESS_MSG)
+        engine = LocalEngine(lambda _: store.encoder(version))  # the store's own, cached encoder
     with using(engine, address=address) as eng:
         lock = lock_builds(store.root)
         try:

@@ -108,6 +108,40 @@ def test_add_on_ray_stores_each_file_once_and_reports_failures_as_local_does(tmp
         assert len(b.catalog.failures()) == 1
 
 
+def test_add_on_ray_of_fuzzed_files_gives_the_outcomes_local_gives(tmp_path, ray_engine):
+    """The door that takes bytes: seeded mutated files of every format, through Ray's workers and
+    through the local decoder, stored or failed alike (the same reasons, one line each)."""
+    from fuzz import mutated_inputs
+
+    drop = tmp_path / "fuzz"
+    drop.mkdir()
+    for i, (_, data) in enumerate(mutated_inputs(80, seed=19)):
+        (drop / f"m{i:03d}.png").write_bytes(data)
+    reports, digests = {}, {}
+    for name, engine in (("local", None), ("ray", ray_engine)):
+        with Index.open(tmp_path / name) as index:
+            reports[name] = index.add_files([drop], engine=engine)
+            digests[name] = sorted(index.get(i)["digest"] for i in index.catalog.ids())
+    assert ray_engine.encoded == 80
+    assert sorted(reports["ray"].failed) == sorted(reports["local"].failed)
+    assert all("\n" not in reason for _, reason in reports["ray"].failed)
+    assert digests["ray"] == digests["local"]
+    assert reports["ray"].files == 80 and 0 < len(reports["ray"].failed) < 80
+
+
+@pytest.mark.slow
+def test_train_builds_the_new_versions_index_on_ray(store, digits, ray_cluster):
+    with Index.open(store) as index:
+        ids = index.catalog.ids()
+        with engines.RayEngine(workers=2, batch=64, min_images=1) as engine:
+            version = index.train(digits[0][:64], epochs=1, engine=engine)
+            assert engine.encoded >= len(ids)  # the new version's index went through the workers
+        assert index.active_version == version == 2
+        built = index.vectors(version).get(ids).copy()
+        index.reindex(version)  # locally
+        np.testing.assert_allclose(index.vectors(version).get(ids), built, atol=1e-5)
+
+
 def _kill_one_worker(engine):
     """A progress callback that SIGKILLs one of the engine's actors after the first batch."""
     pids = engine.worker_pids()
