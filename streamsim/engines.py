@@ -59,9 +59,11 @@ class Engine:
     encoded = 0  # images this engine has encoded so far
 
     def encode(self, checkpoint: Path, batches: Iterator[tuple[np.ndarray, np.ndarray]],
-               progress: Callable[[int], Any] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               progress: Callable[[int], Any] | None = None, *, errors: bool = False
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """``(ids, pixels)`` batches → ``(ids, codes float32 [n, d], errors float32 [n])`` batches,
-        encoded with the encoder checkpointed in ``checkpoint``; ``progress(images)`` after each."""
+        encoded with the encoder checkpointed in ``checkpoint`` (``errors``: the reconstruction
+        errors too, else ``None``); ``progress(images)`` after each."""
         raise NotImplementedError
 
     def load_encode(self, checkpoint: Path, files: Sequence[str], *, batch: int = FILES_BATCH,
@@ -96,14 +98,14 @@ class LocalEngine(Engine):
             self._cache[checkpoint] = self._encoder_of(checkpoint)
         return self._cache[checkpoint]
 
-    def encode(self, checkpoint, batches, progress=None):
+    def encode(self, checkpoint, batches, progress=None, *, errors=False):
         enc = self._encoder(Path(checkpoint))
         for ids, px in batches:
-            codes, errors = enc.encode_with_error(px)
+            codes, err = _encode(enc, px, errors)
             self.encoded += len(ids)
             if progress is not None:
                 progress(len(ids))
-            yield ids, codes, errors
+            yield ids, codes, err
 
 
 def _load_encoder(checkpoint: Path):
@@ -112,6 +114,10 @@ def _load_encoder(checkpoint: Path):
 
     model, _ = encoders.load(checkpoint)
     return Encoder(model)
+
+
+def _encode(enc, pixels: np.ndarray, errors: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    return enc.encode_with_error(pixels) if errors else (enc(pixels), None)
 
 
 def _encode_results(enc, results: list) -> tuple[np.ndarray, np.ndarray]:
@@ -170,9 +176,8 @@ class _Worker:
             self.encoders[key] = encoder_from_files(files)
         return self.encoders[key]
 
-    def encode(self, key: str, files: dict[str, bytes], ids: np.ndarray, pixels: np.ndarray):
-        codes, errors = self._encoder(key, files).encode_with_error(pixels)
-        return ids, codes, errors
+    def encode(self, key: str, files: dict[str, bytes], ids: np.ndarray, pixels: np.ndarray, errors: bool):
+        return (ids, *_encode(self._encoder(key, files), pixels, errors))
 
     def load_encode(self, key: str, files: dict[str, bytes], paths: list[str], timeout: float | None):
         from .workers import load_or_error
@@ -261,19 +266,19 @@ class RayEngine(Engine):
         while pending:
             yield self._get(pending.pop(0))
 
-    def encode(self, checkpoint, batches, progress=None):
+    def encode(self, checkpoint, batches, progress=None, *, errors=False):
         ray, (key, files) = self._ray, self.checkpoint(checkpoint)
 
         def calls():
             for ids, px in batches:
                 for s in range(0, len(ids), self.batch):
-                    yield "encode", (key, files, ids[s : s + self.batch], ray.put(px[s : s + self.batch]))
+                    yield "encode", (key, files, ids[s : s + self.batch], ray.put(px[s : s + self.batch]), errors)
 
-        for ids, codes, errors in self._map(self.actors(), calls()):
+        for ids, codes, err in self._map(self.actors(), calls()):
             self.encoded += len(ids)
             if progress is not None:
                 progress(len(ids))
-            yield ids, codes, errors
+            yield ids, codes, err
 
     def load_encode(self, checkpoint, files, *, batch=FILES_BATCH, timeout=DECODE_TIMEOUT):
         key, ref = self.checkpoint(checkpoint)

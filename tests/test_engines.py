@@ -67,13 +67,21 @@ def test_reindex_on_ray_equals_local(store, digits, ray_engine):
         before = index.vectors().get(ids).copy()
         local = index.reindex()
         after_local, top_local = index.vectors().get(ids).copy(), _top10(index, queries)
-        seen = []
-        result = index.reindex(engine=ray_engine, progress=seen.append)
+        seen, untouched, before_ray = [], [], _snapshot(store)
+        inode = vectors_path(store, 1).stat().st_ino
+
+        def progress(n):  # the old index stays on disk until the new one is complete
+            seen.append(n)
+            untouched.append(_snapshot(store) == before_ray)
+
+        result = index.reindex(engine=ray_engine, progress=progress)
         after_ray, top_ray = index.vectors().get(ids), _top10(index, queries)
+        replaced = vectors_path(store, 1).stat().st_ino != inode
     assert set(result) == {"version", "images", "engine", "workers", "seconds"}
     assert (result["engine"], result["workers"], result["images"], result["version"]) == ("ray", 2, len(ids), 1)
     assert (local["engine"], local["workers"], local["images"]) == ("local", 1, len(ids))
     assert sum(seen) == len(ids) and len(seen) == -(-len(ids) // 64)  # batches of 64 went out
+    assert all(untouched) and replaced  # then the file was replaced (os.replace: a new inode)
     np.testing.assert_allclose(after_local, before, atol=1e-5)
     np.testing.assert_allclose(after_ray, after_local, atol=1e-5)
     assert top_ray == top_local
