@@ -396,6 +396,8 @@ def reindex(store, version: int | None = None, *, engine: "str | Engine | None" 
         lock = lock_builds(store.root)
         try:
             images = store.rebuild_vectors(version, eng, progress=progress)
+            if info["state"] == "retired":  # its index files are back
+                store.catalog.set_version_state(version, "ready")
         finally:
             lock.close()
         seconds = time.monotonic() - started
