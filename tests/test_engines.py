@@ -236,3 +236,11 @@ def test_cli_reindex_and_add_on_a_cluster_of_their_own(tmp_path, digits):
     assert (result["version"], result["images"], result["engine"], result["workers"]) == (1, 30, "ray", os.cpu_count())
     code, hits = cli_json("search", str(files[4]), "-k", "1", "--store", store)
     assert hits[0]["path"] == str(files[4].resolve())
+
+
+def test_reindex_of_a_version_without_an_index_is_one_line(store):
+    run = subprocess.run([EXE, "reindex", "--version", "7", "--store", str(store)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stderr.strip() == "streamsim: no encoder version 7; see `streamsim versions`"
+    code, result = cli_json("reindex", "--store", str(store))
+    assert code == 0 and (result["version"], result["images"], result["engine"], result["workers"]) == (1, 200, "local", 1)
