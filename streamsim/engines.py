@@ -18,6 +18,16 @@ Nothing here imports Ray until a Ray engine is asked for. Ray's native libraries
 before usearch's — the other order aborts the process in ``ray.init`` (``std::regex_error``) — so
 a program imports ``ray`` before it opens a store (the ``streamsim`` command starts the engine
 first); :func:`open_engine` refuses the wrong order with an :class:`EngineError` instead.
+
+Example:
+    >>> import tempfile, numpy as np
+    >>> from streamsim.index import Index
+    >>> glyph = np.zeros((28, 28), np.uint8); glyph[6:22, 12:16] = 255
+    >>> with tempfile.TemporaryDirectory() as d, Index.open(d) as index:
+    ...     _ = index.add(glyph)
+    ...     r = index.reindex(engine="local")
+    ...     (r["version"], r["images"], r["engine"], r["workers"])
+    (1, 1, 'local', 1)
 """
 
 from __future__ import annotations
