@@ -218,12 +218,17 @@ class RayEngine(Engine):
             import logging
 
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                       "logging_level": logging.WARNING, "configure_logging": True}
+                                       "logging_level": logging.ERROR, "configure_logging": True}
             try:
                 if address is None:
                     ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, **options)
                 else:
+                    unreachable = _unreachable(address)
+                    if unreachable:  # Ray itself would retry for minutes
+                        raise EngineError(f"cannot reach the Ray cluster at {address}: {unreachable}")
                     ray.init(address=address, **options)
+            except EngineError:
+                raise
             except Exception as e:  # noqa: BLE001 - Ray raises many types; one line says which cluster and why
                 raise EngineError(f"cannot start Ray ({'a local cluster' if address is None else address}): "
                                   f"{_first_line(e)}") from None
@@ -307,6 +312,21 @@ class RayEngine(Engine):
             self._own = False
             with contextlib.suppress(Exception):
                 self._ray.shutdown()
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a ``[scheme://]host:port`` address (``None`` when something does,
+    or when the address is not of that form, e.g. ``auto``)."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
 
 
 def _first_line(e: BaseException) -> str:

@@ -214,6 +214,18 @@ def test_address_without_ray_engine_is_refused(tmp_path):
     assert run.returncode == 1 and run.stderr.strip() == f"streamsim: {engines.ADDRESS_MSG}"
 
 
+def test_an_address_where_no_cluster_answers_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run([EXE, "reindex", "--engine", "ray", "--address", f"127.0.0.1:{port}", "--store",
+                          str(tmp_path / "s")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"streamsim: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
+
+
 def test_ray_after_usearch_is_refused_not_aborted(store):
     code = ("import sys; from streamsim.index import Index; from streamsim.engines import EngineError\n"
             f"index = Index.open({str(store)!r})\n"
@@ -221,6 +233,15 @@ def test_ray_after_usearch_is_refused_not_aborted(store):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == engines.RAY_ORDER_MSG
+
+
+@pytest.mark.slow
+def test_cli_joins_a_running_cluster_with_address_and_leaves_it_running(store, ray_cluster):
+    address = ray_cluster.get_runtime_context().gcs_address
+    code, result = cli_json("reindex", "--engine", "ray", "--address", address, "--store", str(store))
+    assert code == 0 and (result["engine"], result["images"]) == ("ray", 200)
+    assert 1 <= result["workers"] <= 2  # the CPUs free then (the previous test's actors may still be going)
+    assert ray_cluster.is_initialized() and ray_cluster.cluster_resources().get("CPU") == 2
 
 
 @pytest.mark.slow
