@@ -31,6 +31,10 @@ StoreOpt = Annotated[
     typer.Option("--store", envvar="STREAMSIM_STORE", help="Store folder.", show_default=True),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+EngineOpt = Annotated[str, typer.Option("--engine", help="Where the encoding runs: local (this process) or ray "
+                                        "(a Ray cluster; pip install 'streamsim[ray]').")]
+AddressOpt = Annotated[Optional[str], typer.Option("--address", help="A running Ray cluster's address "
+                                                   "(default: a local cluster for this command).")]
 
 
 class _Errors:
@@ -58,6 +62,20 @@ def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def _engine(engine: str, address: Optional[str]):
+    """The engine for a command, started before the store is opened (Ray must load before usearch):
+    a context manager giving ``"local"`` or the started engine."""
+    import contextlib
+
+    from streamsim import engines
+
+    if engines.is_local(engine):
+        if address is not None:
+            raise ValueError(engines.ADDRESS_MSG)
+        return contextlib.nullcontext("local")
+    return engines.using(engine, address=address)
+
+
 def _open(store: Path, *, create: bool = True):
     from streamsim.index import Index
 
@@ -71,6 +89,8 @@ def add(
     adapt: Annotated[bool, typer.Option("--adapt", help="If the images drift, fine-tune now and wait for the "
                                         "outcome (default: record the alarm; `watch` or `retrain` adapts).")] = False,
     as_json: JsonOpt = False,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Store images. The same bytes under another name are recorded as another path, not stored twice.
 
@@ -93,14 +113,14 @@ def add(
 
         drifts: list[dict] = []
         background: list[dict] = []
-        with _open(store) as index:
+        with _engine(engine, address) as eng, _open(store) as index:
             try:
                 stream = index.stream(adapt=adapt)
             except StreamLockError:  # a watcher holds the store's stream: its detectors see these images later
                 stream = None
                 typer.echo("streamsim: a watcher holds this store's stream: storing without drift detection", err=True)
             try:
-                report = index.add_files(present, on_file=on_file,
+                report = index.add_files(present, on_file=on_file, engine=eng,
                                          on_batch=(lambda outcomes: drifts.extend(stream.observe(outcomes))) if stream else None)
                 if stream is not None and adapt:
                     stream.step(now=True)
@@ -302,14 +322,17 @@ def retrain(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: JsonOpt = False,
     store: StoreOpt = Path(DEFAULT_STORE),
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Fine-tune the active encoder on the images since a change (plus a replay of older ones);
     promote it only if the validation gate passes, re-encoding every image into its index."""
     with _Errors():
-        with _open(store, create=False) as index:
+        with _engine(engine, address) as eng, _open(store, create=False) as index:
             parent = index.active_version
             r = index.retrain(since=since, epochs=epochs, steps=steps, replay=replay, margin=margin,
-                              retrieval_margin=retrieval_margin, fresh=fresh, activate=activate, keep=keep, seed=seed)
+                              retrieval_margin=retrieval_margin, fresh=fresh, activate=activate, keep=keep, seed=seed,
+                              engine=eng)
             result = {"version": r.version, "parent": parent, "state": r.state, "active_version": index.active_version,
                       "rejected_because": r.rejected_because, "validation": r.validation, "seconds": round(r.seconds, 2)}
         if as_json:
@@ -348,6 +371,26 @@ def rollback(
 
 
 @app.command()
+def reindex(
+    version: Annotated[Optional[int], typer.Option("--version", help="The version whose index is rebuilt (default: the active one).")] = None,
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
+    as_json: JsonOpt = False,
+    store: StoreOpt = Path(DEFAULT_STORE),
+) -> None:
+    """Rebuild a version's index from the stored pixels; the old index answers searches until the
+    new one is complete, then it is swapped in."""
+    with _Errors():
+        with _engine(engine, address) as eng, _open(store, create=False) as index:
+            result = index.reindex(version, engine=eng)
+        if as_json:
+            _print_json(result)
+        else:
+            typer.echo(f"version {result['version']}: {result['images']} images re-encoded by {result['engine']} "
+                       f"({result['workers']} workers) in {result['seconds']:.1f}s")
+
+
+@app.command()
 def train(
     data: Annotated[Optional[Path], typer.Argument(help="A folder of images or an .npz with a uint8 `images` array; default: the store's own images.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
@@ -356,6 +399,8 @@ def train(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     as_json: JsonOpt = False,
     store: StoreOpt = Path(DEFAULT_STORE),
+    engine: EngineOpt = "local",
+    address: AddressOpt = None,
 ) -> None:
     """Train the next encoder version, re-encode every stored image into its index, activate it."""
     with _Errors():
@@ -363,10 +408,10 @@ def train(
 
         pixels = images.load_dataset(data) if data is not None else None
         t0 = time.perf_counter()
-        with _open(store) as index:
+        with _engine(engine, address) as eng, _open(store) as index:
             parent = index.active_version
             if as_json:
-                version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed)
+                version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed, engine=eng)
             else:
                 from rich.progress import Progress
 
@@ -376,7 +421,8 @@ def train(
                     def progress(epoch, total, metrics):
                         bar.update(task, completed=epoch, description=f"training (loss {metrics['recon']:.4f})")
 
-                    version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed, progress=progress)
+                    version = index.train(pixels, epochs=epochs, activate=activate, arch=arch, seed=seed, progress=progress,
+                                          engine=eng)
             meta = index.meta(version)
             result = {
                 "version": version, "parent": parent, "active_version": index.active_version,

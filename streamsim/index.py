@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from . import images, ingest, search, versions
+from . import engines, images, ingest, search, versions
 from .catalog import CATALOG_FILE, Catalog
 from .defaults import GATE_MARGIN
 from .ingest import FileOutcome, IngestReport
 from .search import DEFAULT_POLICY, MODES, UNKNOWN_MODE_MSG, Match, SearchPolicy
-from .store import Store, StoreError
+from .store import Store, StoreError, encoder_dir
 from .versions import BuildCancelled, RetrainResult
 from .workers import Decoder
 
@@ -213,14 +213,16 @@ class Index:
 
     def add_files(self, paths: Iterable[str | os.PathLike], *, recursive: bool = True, batch: int = 512,
                   on_file: Callable[[str, str, int | None], None] | None = None,
-                  on_batch: Callable[[list[FileOutcome]], Any] | None = None) -> IngestReport:
+                  on_batch: Callable[[list[FileOutcome]], Any] | None = None,
+                  engine: "str | engines.Engine | None" = None, address: str | None = None) -> IngestReport:
         """Store image files and folders (walked recursively), recording files that fail.
 
         ``on_file(path, outcome, id)`` is called for each file with ``outcome`` one of ``"added"``,
         ``"duplicate"`` or the failure reason (id ``None``); ``on_batch(outcomes)`` with each
         batch's outcomes (a :class:`~streamsim.stream.Stream` feeds its detectors so). Files are known
         by their resolved path. Whatever a file holds, it is stored or recorded as failed, and the
-        rest go on.
+        rest go on. ``engine``: ``"ray"`` (``address``: a cluster's) decodes, normalises and encodes
+        in its workers (:mod:`streamsim.engines`); the catalog and vectors are written here alike.
         """
         added: list[int] = []
         dups: list[int] = []
@@ -228,8 +230,8 @@ class Index:
         files = [os.path.realpath(f) for f in images.iter_image_files(paths, recursive=recursive)]
         pending: list[tuple[str, Any]] = []
 
-        def flush() -> None:
-            outcomes = ingest.ingest_results(self._store, pending, None)
+        def flush(encoded: ingest.Encoded | None = None) -> None:
+            outcomes = ingest.ingest_results(self._store, pending, None, encoded)
             if on_batch is not None:
                 on_batch(outcomes)
             for o in outcomes:
@@ -241,6 +243,15 @@ class Index:
                     on_file(o.path, {"stored": "added", "duplicate": "duplicate"}.get(o.outcome, o.reason), o.id)
             pending.clear()
 
+        if not engines.is_local(engine):
+            with engines.using(engine, address=address) as eng:
+                version = self.active_version
+                for results, codes, errors in eng.load_encode(encoder_dir(self.root, version), files, batch=batch):
+                    pending.extend(results)
+                    flush(ingest.Encoded(version, codes, errors))
+            return IngestReport(added, dups, failed)
+        if address is not None:
+            raise ValueError(engines.ADDRESS_MSG)
         with Decoder() as decoder:
             for path, result in decoder.load(files):  # decoding runs ahead in workers while batches are stored
                 pending.append((path, result))
@@ -353,19 +364,23 @@ class Index:
 
     def train(self, pixels: np.ndarray | None = None, *, epochs: int = 10, activate: bool = True,
               reason: str = "manual", arch: str | None = None, seed: int = 0, keep: int | None = None,
-              progress: Callable[[int, int, dict], None] | None = None) -> int:
+              progress: Callable[[int, int, dict], None] | None = None,
+              engine: "str | engines.Engine | None" = None, address: str | None = None) -> int:
         """Train the next encoder version and build its index; returns the new version number
         (:func:`streamsim.versions.train`: fine-tuned from the active encoder on ``pixels``,
         default every stored image, or a fresh ``arch``; activated unless ``activate`` is off;
-        ``keep``: see :meth:`prune`)."""
-        return versions.train(self._store, pixels, epochs=epochs, activate=activate, reason=reason, arch=arch,
-                              seed=seed, keep=keep, progress=progress)
+        ``keep``: see :meth:`prune`; ``engine``/``address``: where the new index is encoded, as
+        :meth:`reindex`)."""
+        with engines.attached(self._store, engine, address=address):
+            return versions.train(self._store, pixels, epochs=epochs, activate=activate, reason=reason, arch=arch,
+                                  seed=seed, keep=keep, progress=progress)
 
     def retrain(self, *, since: int | None = None, epochs: int | None = None, steps: int | None = None,
                 replay: float = 1.0, margin: float = GATE_MARGIN, retrieval_margin: float | None = None,
                 fresh: str | None = None, reason: str = "manual", activate: bool = True,
                 keep: int | None = None, seed: int = 0, stop: threading.Event | None = None,
-                progress: Callable[[int, int, dict], None] | None = None) -> RetrainResult:
+                progress: Callable[[int, int, dict], None] | None = None,
+                engine: "str | engines.Engine | None" = None, address: str | None = None) -> RetrainResult:
         """Fine-tune the active encoder on the images since a change (``since``, default
         :meth:`change_start`), with a replay of older ones — or with ``fresh`` (an architecture:
         ``"conv"``, ``"mlp"``, ``"dense"``) train a fresh model on the whole store — and promote the
@@ -373,10 +388,24 @@ class Index:
         perturbed copies of held-out recent images improves, that of older images drops by at most
         ``retrieval_margin``, their reconstruction error rises by at most ``margin``
         (:func:`streamsim.versions.retrain`). ``epochs`` defaults to about ``steps`` optimiser steps
-        (800; 2,400 for a fresh model). Setting ``stop`` cancels the build."""
-        return versions.retrain(self._store, since=since, epochs=epochs, steps=steps, replay=replay, margin=margin,
-                                retrieval_margin=retrieval_margin, fresh=fresh, reason=reason,
-                                activate=activate, keep=keep, seed=seed, stop=stop, progress=progress)
+        (800; 2,400 for a fresh model). Setting ``stop`` cancels the build. ``engine``/``address``:
+        where the new index is encoded, as :meth:`reindex`."""
+        with engines.attached(self._store, engine, address=address):
+            return versions.retrain(self._store, since=since, epochs=epochs, steps=steps, replay=replay, margin=margin,
+                                    retrieval_margin=retrieval_margin, fresh=fresh, reason=reason,
+                                    activate=activate, keep=keep, seed=seed, stop=stop, progress=progress)
+
+    def reindex(self, version: int | None = None, *, engine: "str | engines.Engine" = "local",
+                address: str | None = None, progress: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        """Rebuild ``version``'s vectors (default: the active version's) from the stored pixels and
+        swap them in once complete; searches are answered from the old ones until then.
+
+        ``engine``: ``"local"`` (this process) or ``"ray"`` (workers on a Ray cluster: ``address``
+        of a running one, else a local cluster started for the call; needs ``streamsim[ray]``, and
+        ``ray`` imported before the store was opened), or an :class:`~streamsim.engines.Engine`.
+        ``progress(images)`` is called after each encoded batch. Returns ``{"version", "images",
+        "engine", "workers", "seconds"}`` (:func:`streamsim.engines.reindex`)."""
+        return engines.reindex(self._store, version, engine=engine, address=address, progress=progress)
 
     def change_start(self) -> int:
         """The first image id of the newest unhandled change (:func:`streamsim.versions.change_start`)."""

@@ -63,16 +63,34 @@ class Stored:
                            self.scores[j] if s.new else None, self.version if s.new else None)
 
 
-def store_images(store, loaded: Sequence[images.Loaded], journal: list[tuple[int, int] | None] | None = None) -> Stored:
+@dataclass(frozen=True)
+class Encoded:
+    """Codes and reconstruction errors computed elsewhere (an engine's workers) by encoder
+    ``version``, one row per image of a batch."""
+
+    version: int
+    codes: np.ndarray
+    errors: np.ndarray
+
+    def rows(self, at: Sequence[int]) -> "Encoded":
+        return Encoded(self.version, self.codes[list(at)], self.errors[list(at)])
+
+
+def store_images(store, loaded: Sequence[images.Loaded], journal: list[tuple[int, int] | None] | None = None,
+                 encoded: Encoded | None = None) -> Stored:
     """Store loaded images in one catalog transaction (with ``journal``: each file's stat, journalled
-    with it), then add the new ones' codes to the active vectors."""
+    with it), then add the new ones' codes to the active vectors. ``encoded``: their codes and
+    errors already computed, used if by the active version (else they are encoded here)."""
     if not loaded:
         return Stored([], None, [])
     with store.lock:
         v = store.active_version
         store.catch_up(v)  # images other processes stored since we looked
         px = np.stack([x.pixels for x in loaded])
-        codes, errors = store.encoder(v).encode_with_error(px)
+        if encoded is not None and encoded.version == v:
+            codes, errors = encoded.codes, encoded.errors
+        else:
+            codes, errors = store.encoder(v).encode_with_error(px)
         scores = store.normaliser(v).score(errors, drift.ink(px))
         rows = store.catalog.add_images([(x.digest, x.pixels, x.path) for x in loaded], journal,
                                         scores=[(v, float(e), float(z)) for e, z in zip(errors, scores)])
@@ -89,11 +107,12 @@ def store_images(store, loaded: Sequence[images.Loaded], journal: list[tuple[int
         return Stored(rows, v, [float(z) for z in scores])
 
 
-def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tuple[int, int]] | None
-                   ) -> list[FileOutcome]:
+def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tuple[int, int]] | None,
+                   encoded: Encoded | None = None) -> list[FileOutcome]:
     """Store or journal decoded files, ``(path, Loaded | ImageError)``. With ``seen`` (each path's
     stat before it was read) a file changed meanwhile is ``busy`` and a removed one ``gone``;
-    without, what was read is stored (``add``: nobody waits for writers)."""
+    without, what was read is stored (``add``: nobody waits for writers). ``encoded``: codes and
+    errors computed elsewhere, one row per result."""
     out: list[FileOutcome] = []
     to_store: list[tuple[int, images.Loaded, tuple[int, int] | None]] = []
     for path, result in results:
@@ -111,7 +130,8 @@ def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tu
             to_store.append((len(out), dataclasses.replace(result, path=path), now))
             out.append(FileOutcome(path, "pending", None, None))
     if to_store:
-        done = store_images(store, [x for _, x, _ in to_store], journal=[st for _, _, st in to_store])
+        done = store_images(store, [x for _, x, _ in to_store], journal=[st for _, _, st in to_store],
+                            encoded=None if encoded is None else encoded.rows([i for i, _, _ in to_store]))
         for j, (i, _, _) in enumerate(to_store):
             out[i] = done.outcome(j, out[i].path)
     return out

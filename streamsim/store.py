@@ -191,6 +191,7 @@ class Store:
         self._vectors_version: int | None = None
         self._last_save = time.monotonic()
         self._known_max = 0  # every image id up to this one is in the active vectors
+        self.engine = None  # where big re-encodes run (streamsim.engines); None: here
 
     # -- versions and encoders -------------------------------------------------------------------
 
@@ -282,25 +283,33 @@ class Store:
             return self._vectors
 
     def encode_into(self, vectors, ids, version: int) -> None:
-        """Encode the stored images ``ids`` with ``version`` and add them to ``vectors``."""
+        """Encode the stored images ``ids`` with ``version`` and add them to ``vectors`` — through
+        the store's :attr:`engine` when one is set and ``ids`` are enough to be worth it."""
+        engine = self.engine
+        if engine is not None and len(ids) >= max(1, engine.min_images):
+            chunks = (ids[s : s + ENCODE_CHUNK] for s in range(0, len(ids), ENCODE_CHUNK))
+            for got, codes, _ in engine.encode(encoder_dir(self.root, version), ((c, self.catalog.pixels(c)) for c in chunks)):
+                vectors.add(got, codes)
+            return
         enc = self.encoder(version)
         for start in range(0, len(ids), ENCODE_CHUNK):
             chunk = ids[start : start + ENCODE_CHUNK]
             vectors.add(chunk, enc(self.catalog.pixels(chunk)))
 
-    def sync_vectors(self, version: int):
+    def sync_vectors(self, version: int, vectors=None):
         """Make ``version``'s vectors hold exactly the catalog's images, and write them.
 
         Only the missing images are read and encoded; ids the catalog no longer has are removed.
-        Returns the :class:`~streamsim.vectors.Vectors` (the loaded one when ``version`` is loaded)
-        and the highest image id it now holds.
+        Returns the :class:`~streamsim.vectors.Vectors` (``vectors`` if given, else the loaded one
+        when ``version`` is loaded, else its file's) and the highest image id it now holds.
         """
         import numpy as np
 
         from .vectors import Vectors
 
         path = vectors_path(self.root, version)
-        vectors = self._vectors if self._vectors_version == version else Vectors.open(path, self.encoder(version).dim)
+        if vectors is None:
+            vectors = self._vectors if self._vectors_version == version else Vectors.open(path, self.encoder(version).dim)
         stored = self.catalog.ids()
         have = vectors.keys().astype(np.int64)
         extra = np.setdiff1d(have, stored)
@@ -311,6 +320,25 @@ class Store:
             vectors.dirty = True
             vectors.save()
         return vectors, int(stored.max()) if len(stored) else 0
+
+    def rebuild_vectors(self, version: int, engine, *, progress=None) -> int:
+        """Build ``version``'s vectors afresh from the catalog's pixels through ``engine``
+        (:mod:`streamsim.engines`), in memory while the current ones keep serving; then bring them
+        up to the catalog (images added or removed meanwhile) and swap them in: the file replaced
+        atomically, and the loaded vectors under the lock. Returns how many images they hold."""
+        from .vectors import Vectors
+
+        fresh = Vectors(vectors_path(self.root, version), self.encoder(version).dim)
+        for ids, codes, _ in engine.encode(encoder_dir(self.root, version),
+                                           self.catalog.iter_pixels(batch=ENCODE_CHUNK), progress):
+            fresh.add(ids, codes)
+        with self.lock:
+            fresh.dirty = True  # written even when it holds what the old file held
+            self.sync_vectors(version, fresh)
+            if self._vectors_version == version:
+                self._vectors, self._known_max = fresh, 0
+                self.catch_up(version)
+            return len(fresh)
 
     def reconcile(self) -> None:
         """Bring the active version's vectors in line with the catalog (after a crash, say)."""

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+try:  # Ray's native libraries must load before usearch's, or ray.init aborts (streamsim.engines)
+    import ray  # noqa: F401
+except ImportError:
+    pass
+
 import numpy as np
 import pytest
 
