@@ -66,6 +66,7 @@ class Normaliser:
     slope: float
     scale: float
     quantiles: tuple[float, ...] = ()
+    two_sided: bool = False  # fitted on the stream as it is now: a drop of the score is a change too
 
     QUANTILE_LEVELS = tuple(np.linspace(0.0, 1.0, 101))
 
@@ -88,7 +89,8 @@ class Normaliser:
         before it was recorded falls back to its error-per-ink statistics."""
         ref = meta.get("drift_reference")
         if ref:
-            return cls(ref["intercept"], ref["slope"], ref["scale"], tuple(ref.get("quantiles", ())))
+            return cls(ref["intercept"], ref["slope"], ref["scale"], tuple(ref.get("quantiles", ())),
+                       bool(ref.get("two_sided", False)))
         per_ink = meta.get("reference", {}).get("error_per_ink", {})
         mean, std = float(per_ink.get("mean", 1.0)), float(per_ink.get("std", 1.0)) or 1.0
         # log(error / ink) ≈ log(mean) with a relative spread of std / mean
@@ -96,7 +98,8 @@ class Normaliser:
 
     def to_dict(self) -> dict[str, Any]:
         return {"intercept": self.intercept, "slope": self.slope, "scale": self.scale,
-                "quantiles": list(self.quantiles), "formula": "(log(error) - intercept - slope*log(ink)) / scale"}
+                "quantiles": list(self.quantiles), "two_sided": self.two_sided,
+                "formula": "(log(error) - intercept - slope*log(ink)) / scale"}
 
     def score(self, errors: np.ndarray, ink: np.ndarray) -> np.ndarray:
         """Normalised scores (float64 ``[N]``) of images with these errors and ink fractions."""
@@ -308,7 +311,23 @@ def _normal_quantiles(levels: int = 101) -> np.ndarray:
     return np.asarray([NormalDist().inv_cdf(float(q)) for q in p])
 
 
-DETECTORS: dict[str, Callable[..., _Detector]] = {"cusum": CUSUM, "ks": KSWindow, "page_hinkley": PageHinkley}
+class CUSUMLow(CUSUM):
+    """The mirror of :class:`CUSUM`: an alarm when the score *drops* — the data became easier for
+    the version than the stream its drift reference was measured on. Run for a version adapted to
+    a change (its reference is the new data, :attr:`Normaliser.two_sided`), so that a second switch
+    to something simpler (back to digits, or Latin letters after Chinese characters) is seen too.
+
+    >>> det = CUSUMLow(threshold=5.0)
+    >>> [i for i, x in enumerate([0.0] * 10 + [-2.0] * 10) if det.update(x).drift_detected]
+    [12]
+    """
+
+    def _step(self, x: float) -> bool:
+        return super()._step(2 * self.reference - x)
+
+
+DETECTORS: dict[str, Callable[..., _Detector]] = {"cusum": CUSUM, "ks": KSWindow, "page_hinkley": PageHinkley,
+                                                  "cusum_low": CUSUMLow}
 DEFAULT_DETECTORS = ("cusum", "ks")
 
 
@@ -370,6 +389,8 @@ class DriftMonitor:
             raise ValueError(f"unknown drift detector {unknown[0]!r}; choose from {', '.join(DETECTORS)}")
         self.version = version
         self.detectors: dict[str, _Detector] = {}
+        if normaliser is not None and normaliser.two_sided and "cusum_low" not in detectors:
+            detectors = (*detectors, "cusum_low")
         for name in detectors:
             if name == "ks" and normaliser is not None and normaliser.quantiles:
                 self.detectors[name] = KSWindow(quantiles=normaliser.quantiles, cooldown=cooldown)
