@@ -18,11 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .defaults import PIXELS_SHAPE
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `events` and `versions` need none of it
+    import numpy as np
 
 CATALOG_FILE = "catalog.sqlite"  # inside the store folder
 IN_CHUNK = 500  # ids per "IN (...)" query (SQLite binds at most 999 parameters in older builds)
@@ -100,6 +101,8 @@ class Stored:
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
+    import numpy as np
+
     return hashlib.sha256(np.ascontiguousarray(pixels, np.uint8).tobytes()).hexdigest()
 
 
@@ -171,6 +174,8 @@ class Catalog:
         ``scores`` each record's ``(encoder version, reconstruction error, drift score)``, kept for
         the new images.
         """
+        import numpy as np
+
         now = time.time()
         out: list[Stored] = []
         journal = journal or [None] * len(records)
@@ -266,6 +271,8 @@ class Catalog:
 
     def pixels(self, ids: Iterable[int]) -> np.ndarray:
         """Pixels ``uint8 [N, 28, 28]`` for the given ids, in that order (KeyError for a missing id)."""
+        import numpy as np
+
         ids = [int(i) for i in ids]
         found = {int(r[0]): r[1] for r in self._by_ids("SELECT id, pixels FROM images WHERE id IN ({marks})", ids)}
         missing = [i for i in ids if i not in found]
@@ -276,6 +283,8 @@ class Catalog:
 
     def iter_pixels(self, *, batch: int = 4096, after: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored image as ``(ids int64 [n], pixels uint8 [n, 28, 28])`` batches, by id."""
+        import numpy as np
+
         last = after
         while True:
             rows = self._query("SELECT id, pixels FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch))
@@ -294,6 +303,8 @@ class Catalog:
         return [int(r[0]) for r in self._by_ids("SELECT id FROM images WHERE id IN ({marks})", [int(i) for i in ids])]
 
     def ids(self) -> np.ndarray:
+        import numpy as np
+
         rows = self._query("SELECT id FROM images ORDER BY id")
         return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
@@ -365,6 +376,8 @@ class Catalog:
     def score_stream(self, *, after: int = 0, last: int | None = None) -> dict[str, np.ndarray]:
         """The recorded scores in arrival order: ``id``, ``version``, ``error``, ``score`` arrays
         (images after id ``after``; only the ``last`` n with ``last``)."""
+        import numpy as np
+
         if not self._query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'scores'"):
             rows = []  # a store made before scores were recorded, opened read-only
         elif last is not None:

@@ -152,6 +152,12 @@ def status(root: str | os.PathLike, catalog: Catalog | None = None) -> dict[str,
     }
 
 
+def versions(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every encoder version of the store (``status``'s ``versions``), read from the catalog alone."""
+    with Catalog.of_store(Path(root).expanduser().absolute(), readonly=True) as cat:
+        return cat.version_rows()
+
+
 def events(root: str | os.PathLike, *, kinds: list[str] | None = None, last: int | None = None) -> list[dict[str, Any]]:
     """The store's event log, flattened: ``time``, ``kind``, ``version``, ``image_id``, ``path``
     and the event's details; only ``kinds`` if given, only the ``last`` n if given."""

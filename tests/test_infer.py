@@ -14,6 +14,7 @@ from streamsim import encoders, infer
 from streamsim import model as M
 
 HEAVY = ("jax", "flax", "orbax", "optax")
+LIGHT = ("versions", "events")  # commands that need not even numpy
 
 
 def _arrays(model) -> dict[str, np.ndarray]:
@@ -87,7 +88,7 @@ def _imports(tmp_path, *args) -> tuple[dict, str]:
     and its stdout."""
     code = ("import json, sys\nfrom streamsim.cli import main\nsys.argv = ['streamsim', *sys.argv[1:]]\n"
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
-            f"print(json.dumps({{m: m in sys.modules for m in {HEAVY!r} + ('usearch',)}}), file=sys.stderr)\n"
+            f"print(json.dumps({{m: m in sys.modules for m in {HEAVY!r} + ('usearch', 'numpy')}}), file=sys.stderr)\n"
             "sys.exit(code)")
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr
@@ -101,6 +102,7 @@ def test_status_versions_events_and_search_import_no_jax(tmp_path, digit_files):
         seen, out = _imports(tmp_path, *command, "--store", str(store))
         assert not any(seen[m] for m in HEAVY), (command, seen)
         assert not seen["usearch"], command
+        assert command[0] not in LIGHT or not seen["numpy"], command
         assert command[0] == "events" or out.strip()
     seen, out = _imports(tmp_path, "search", str(digit_files[3]), "--store", str(store), "--json", "-k", "3")
     assert not any(seen[m] for m in HEAVY), seen
