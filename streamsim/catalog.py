@@ -215,6 +215,11 @@ class Catalog:
         """Every journalled file: ``path -> (size, mtime_ns)`` as it was when it was ingested."""
         return {r[0]: (int(r[1]), int(r[2])) for r in self._query("SELECT path, size, mtime_ns FROM journal")}
 
+    def journal_stats(self, paths: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """``path -> (size, mtime_ns)`` as journalled, for those of ``paths`` the journal has."""
+        return {r[0]: (int(r[1]), int(r[2])) for r in self._by_ids(
+            "SELECT path, size, mtime_ns FROM journal WHERE path IN ({marks})", [str(p) for p in paths])}
+
     def dangling_journal(self) -> list[dict[str, Any]]:
         """Journal rows that say a file was stored, or stored as a duplicate, under an image id the
         catalog never handed out (a catalog restored from an older copy, say): ``path``,
@@ -257,7 +262,7 @@ class Catalog:
         paths = [p[0] for p in self._query("SELECT path FROM paths WHERE image_id = ? ORDER BY added, path", (r["id"],))]
         return {"id": int(r["id"]), "path": r["path"], "paths": paths, "added": r["added"], "digest": r["digest"]}
 
-    def _by_ids(self, sql: str, ids: list[int]) -> Iterator[sqlite3.Row]:
+    def _by_ids(self, sql: str, ids: list[Any]) -> Iterator[sqlite3.Row]:
         """Rows of ``sql`` (with one ``IN ({marks})`` placeholder) for ``ids``, queried in chunks
         that stay under SQLite's limit on bound parameters."""
         for start in range(0, len(ids), IN_CHUNK):
