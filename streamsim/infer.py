@@ -7,10 +7,12 @@ more than the forward pass itself; this module applies the checkpoint's plain-ar
 :mod:`streamsim.model`, in float32, equal to the JAX encoder's output to about 1e-6 (tested for every
 architecture).
 
-:class:`NumpyEncoder` has the :class:`streamsim.model.Encoder` interface. Batches up to
-:data:`NUMPY_MAX_BATCH` images run in numpy; larger ones (re-encoding a store, bulk ingest) go to the
-JAX encoder, built from the same arrays on first need, so that an accelerator serves them when
-there is one. Training needs the JAX model too: ``graphdef`` and ``state`` build it.
+:class:`NumpyEncoder` has the :class:`streamsim.model.Encoder` interface. Codes for up to
+:data:`NUMPY_MAX_CODES` images (a search's query and its variants) and codes with errors for up to
+:data:`NUMPY_MAX_ERRORS` (one file added) run in numpy; larger batches (ingest, re-encoding a store)
+go to the JAX encoder, built from the same arrays on first need: its compiled programs are faster
+on batches (the decoder's 256 → 784 layer and the error above all), and an accelerator serves
+them when there is one. Training needs the JAX model too: ``graphdef`` and ``state`` build it.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -34,7 +36,12 @@ import numpy as np
 from .defaults import SIDE
 
 N_PIXELS = SIDE * SIDE
-NUMPY_MAX_BATCH = 512  # larger batches are encoded by the JAX encoder (compiled; on an accelerator if any)
+# Larger batches go to the JAX encoder. Measured on the 2-core CPU (shipped encoder, ms per batch,
+# numpy / JAX): codes of 1 image 0.017 / 0.080, of 16 0.58 / 0.42; codes and errors of 1 image
+# 0.10 / 0.11, of 16 4.0 / 1.0 (numpy's multi-threaded BLAS also suffers most when other work
+# shares the cores).
+NUMPY_MAX_CODES = 16
+NUMPY_MAX_ERRORS = 2
 DEFAULT_CONFIGS: dict[str, dict[str, int]] = {  # each architecture's config (streamsim.model builds with them)
     "dense": {"code_dim": 100},
     "mlp": {"code_dim": 64, "hidden": 256},
@@ -167,11 +174,11 @@ class NumpyEncoder:
     reconstructions and errors for uint8 pixels ``[N, 28, 28]`` (or ``[28, 28]``). Thread-safe."""
 
     def __init__(self, arch: str, config: dict[str, Any] | None, arrays: dict[str, np.ndarray], *,
-                 max_batch: int = NUMPY_MAX_BATCH):
+                 max_codes: int = NUMPY_MAX_CODES, max_errors: int = NUMPY_MAX_ERRORS):
         self.arch, self.config = arch, config
         self.model = NumpyModel(arch, config, arrays)
         self.dim = self.model.dim
-        self.max_batch = int(max_batch)
+        self.max_codes, self.max_errors = int(max_codes), int(max_errors)
         self._arrays = arrays
         self._jax = None
         self._lock = threading.Lock()
@@ -204,14 +211,12 @@ class NumpyEncoder:
     def _pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, bool]:
         return as_batch(pixels)
 
-    def _big(self, x: np.ndarray) -> bool:
-        return len(x) > self.max_batch
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """Codes ``float32 [N, dim]`` for uint8 pixels ``[N, 28, 28]``."""
         x, single = self._pixels(pixels)
-        if self._big(x):
-            return self.jax_encoder()(x)
+        if len(x) > self.max_codes:
+            return self.jax_encoder()(pixels)
         z = self.model.encode(x.astype(np.float32) / np.float32(255)).astype(np.float32)
         return z[0] if single else z
 
@@ -225,14 +230,14 @@ class NumpyEncoder:
 
     def encode_with_error(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Codes and per-image reconstruction error (mean binary cross-entropy)."""
-        if self._big(self._pixels(pixels)[0]):
+        if len(self._pixels(pixels)[0]) > self.max_errors:
             return self.jax_encoder().encode_with_error(pixels)
         z, err, _ = self._both(pixels)
         return z, err
 
     def reconstruct(self, pixels: np.ndarray) -> np.ndarray:
         """Reconstructed pixels as uint8 ``[N, 28, 28]``."""
-        if self._big(self._pixels(pixels)[0]):
+        if len(self._pixels(pixels)[0]) > self.max_errors:
             return self.jax_encoder().reconstruct(pixels)
         _, _, logits = self._both(pixels)
         return np.round(_sigmoid(logits) * 255).astype(np.uint8)

@@ -26,6 +26,8 @@ def _arrays(model) -> dict[str, np.ndarray]:
 
 
 def _assert_same(jax_enc, np_enc, pixels):
+    """Codes, errors and reconstructions of the numpy path (every batch in numpy) and the JAX one."""
+    np_enc = infer.NumpyEncoder(np_enc.arch, np_enc.config, np_enc._arrays, max_codes=len(pixels), max_errors=len(pixels))
     z1, e1 = jax_enc.encode_with_error(pixels)
     z2, e2 = np_enc.encode_with_error(pixels)
     np.testing.assert_allclose(z2, z1, rtol=0, atol=1e-5)
@@ -56,10 +58,10 @@ def test_the_shipped_encoder_loads_as_numpy_and_equals_jax(digits):
     assert isinstance(enc, infer.NumpyEncoder) and enc.dim == meta["code_dim"]
     model, _ = encoders.load(encoders.shipped_dir(), fast=False)  # the orbax checkpoint itself
     _assert_same(M.Encoder(model), enc, pixels)
-    # a batch above the numpy limit goes to the JAX encoder: the same codes
-    big = np.tile(pixels, (5, 1, 1))
-    assert len(big) > enc.max_batch
-    np.testing.assert_allclose(enc(big), M.Encoder(model)(big), rtol=0, atol=1e-5)
+    # batches above the numpy limits go to the JAX encoder: the same codes and errors either way
+    assert len(pixels) > enc.max_codes and len(pixels) > enc.max_errors
+    np.testing.assert_allclose(enc(pixels), M.Encoder(model)(pixels), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(enc(pixels[:3]), M.Encoder(model)(pixels[:3]), rtol=0, atol=1e-5)
 
 
 def test_a_saved_version_loads_as_numpy_and_a_damaged_copy_falls_back(tmp_path, digits):
