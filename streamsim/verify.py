@@ -151,19 +151,23 @@ def _background_sigma(q, background, sigma, lo, hi) -> np.ndarray:
     count = background.sum(axis=(1, 2))
     seen = (q * q * background).sum(axis=(1, 2)) / np.maximum(count, 1)
     a, b = np.full(len(q), 1e-6, np.float32), np.full(len(q), 3.0, np.float32)
-    zero = np.zeros((len(q), _SPLIT - 1), np.float32)
-    step = np.arange(1, _SPLIT, dtype=np.float32) / np.float32(_SPLIT)
+    # the mean square rises with σ: search the bracket, `split` ways a round — many ways for a few
+    # pairs (fewer, larger numpy calls), halving for many (less arithmetic); as fine either way
+    split, rounds = (_SPLIT, _ROUNDS) if len(q) < _FEW_PAIRS else (2, 30)
+    zero = np.zeros((len(q), split - 1), np.float32)
+    step = np.arange(1, split, dtype=np.float32) / np.float32(split)
     lo_, hi_ = lo[:, 0], hi[:, 0]
-    for _ in range(_ROUNDS):  # the mean square rises with σ: search the bracket, _SPLIT ways a round
-        at = a[:, None] + (b - a)[:, None] * step  # [N, _SPLIT − 1]
+    rows = np.arange(len(q))
+    for _ in range(rounds):
+        at = a[:, None] + (b - a)[:, None] * step  # [N, split − 1]
         below = (_copy_residual(zero, at, lo_, hi_) <= seen[:, None]).sum(axis=1)  # points still at or below
-        rows = np.arange(len(q))
         a, b = (np.where(below > 0, at[rows, np.maximum(below - 1, 0)], a),
-                np.where(below < _SPLIT - 1, at[rows, np.minimum(below, _SPLIT - 2)], b))
+                np.where(below < split - 1, at[rows, np.minimum(below, split - 2)], b))
     return np.where(count >= MIN_BACKGROUND, 0.5 * (a + b), sigma[:, 0, 0])[:, None, None]
 
 
-_SPLIT, _ROUNDS = 32, 6  # 32⁶ ≈ 2³⁰: as fine as 30 halvings of (0, 3], in 6 evaluations
+_SPLIT, _ROUNDS = 32, 6  # 32⁶ ≈ 2³⁰: as fine as 30 halvings of (0, 3], in 6 evaluations ...
+_FEW_PAIRS = 64  # ... for fewer pairs than this
 
 
 def edge_energy(w: np.ndarray) -> np.ndarray:
