@@ -10,8 +10,9 @@ follows would share the two cores with the ingest being measured.
    from its first move until every image is stored (checked from this, a third, process).
 2. latency: single files renamed into an idle watcher's folder, one at a time; the time until a
    search from this process finds each one (p50 / p95).
-3. soak: N files dropped over time in bursts of 500; the watcher's RSS sampled throughout; at the
-   end every file must be stored exactly once.
+3. soak: N files dropped over time in bursts of 500; the watcher's RSS sampled throughout (and its
+   growth per stored image over the second half, a least-squares slope); at the end every file must
+   be stored exactly once.
 4. stream: the bulk drop's images, already in memory as arrays, fed to a fresh store through
    ``Index.stream()`` (drift detection on, adaptation off, as the watcher above) in batches of 50;
    files/s against the watcher's bulk rate.
@@ -155,6 +156,9 @@ def main(argv=None) -> int:
             q = len(rss) // 4
             out["soak_rss_mb_first_quarter_max"] = max(rss[: max(q, 1)]) / 1024
             out["soak_rss_mb_last_quarter_max"] = max(rss[-max(q, 1):]) / 1024
+            half = [x for x in samples if x[1] >= args.soak // 2]  # after the start-up, per stored image
+            if len(half) > 2:
+                out["soak_rss_kb_per_image"] = float(np.polyfit([x[1] for x in half], [x[2] for x in half], 1)[0])
             out["soak_rss_mb_samples"] = [[round(t, 1), n, round(r / 1024, 1)] for t, n, r in samples[:: max(1, len(samples) // 12)]]
         watcher.terminate()
         out["sigterm_exit_code"] = watcher.wait(timeout=30)

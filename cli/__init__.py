@@ -230,7 +230,9 @@ def versions(store: StoreOpt = Path(DEFAULT_STORE), as_json: JsonOpt = False) ->
     """Encoder versions: number, parent, state, reason, created, training summary and the
     validation numbers of a fine-tune (error on recent and on reference images, before → after)."""
     with _Errors():
-        rows = _status_data(store)["versions"]
+        from streamsim.store import versions as store_versions
+
+        rows = store_versions(store)  # the catalog alone: no drift summary to compute
         if as_json:
             _print_json(rows)
             return

@@ -18,11 +18,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .defaults import PIXELS_SHAPE
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `events` and `versions` need none of it
+    import numpy as np
 
 CATALOG_FILE = "catalog.sqlite"  # inside the store folder
 IN_CHUNK = 500  # ids per "IN (...)" query (SQLite binds at most 999 parameters in older builds)
@@ -109,6 +110,8 @@ class Stored:
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
+    import numpy as np
+
     return hashlib.sha256(np.ascontiguousarray(pixels, np.uint8).tobytes()).hexdigest()
 
 
@@ -180,6 +183,8 @@ class Catalog:
         ``scores`` each record's ``(encoder version, reconstruction error, drift score)``, kept for
         the new images.
         """
+        import numpy as np
+
         now = time.time()
         out: list[Stored] = []
         journal = journal or [None] * len(records)
@@ -218,6 +223,11 @@ class Catalog:
     def journal(self) -> dict[str, tuple[int, int]]:
         """Every journalled file: ``path -> (size, mtime_ns)`` as it was when it was ingested."""
         return {r[0]: (int(r[1]), int(r[2])) for r in self._query("SELECT path, size, mtime_ns FROM journal")}
+
+    def journal_stats(self, paths: Iterable[str]) -> dict[str, tuple[int, int]]:
+        """``path -> (size, mtime_ns)`` as journalled, for those of ``paths`` the journal has."""
+        return {r[0]: (int(r[1]), int(r[2])) for r in self._by_ids(
+            "SELECT path, size, mtime_ns FROM journal WHERE path IN ({marks})", [str(p) for p in paths])}
 
     def dangling_journal(self) -> list[dict[str, Any]]:
         """Journal rows that say a file was stored, or stored as a duplicate, under an image id the
@@ -261,7 +271,7 @@ class Catalog:
         paths = [p[0] for p in self._query("SELECT path FROM paths WHERE image_id = ? ORDER BY added, path", (r["id"],))]
         return {"id": int(r["id"]), "path": r["path"], "paths": paths, "added": r["added"], "digest": r["digest"]}
 
-    def _by_ids(self, sql: str, ids: list[int]) -> Iterator[sqlite3.Row]:
+    def _by_ids(self, sql: str, ids: list[Any]) -> Iterator[sqlite3.Row]:
         """Rows of ``sql`` (with one ``IN ({marks})`` placeholder) for ``ids``, queried in chunks
         that stay under SQLite's limit on bound parameters."""
         for start in range(0, len(ids), IN_CHUNK):
@@ -275,6 +285,8 @@ class Catalog:
 
     def pixels(self, ids: Iterable[int]) -> np.ndarray:
         """Pixels ``uint8 [N, 28, 28]`` for the given ids, in that order (KeyError for a missing id)."""
+        import numpy as np
+
         ids = [int(i) for i in ids]
         found = {int(r[0]): r[1] for r in self._by_ids("SELECT id, pixels FROM images WHERE id IN ({marks})", ids)}
         missing = [i for i in ids if i not in found]
@@ -285,6 +297,8 @@ class Catalog:
 
     def iter_pixels(self, *, batch: int = 4096, after: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Every stored image as ``(ids int64 [n], pixels uint8 [n, 28, 28])`` batches, by id."""
+        import numpy as np
+
         last = after
         while True:
             rows = self._query("SELECT id, pixels FROM images WHERE id > ? ORDER BY id LIMIT ?", (last, batch))
@@ -303,6 +317,8 @@ class Catalog:
         return [int(r[0]) for r in self._by_ids("SELECT id FROM images WHERE id IN ({marks})", [int(i) for i in ids])]
 
     def ids(self) -> np.ndarray:
+        import numpy as np
+
         rows = self._query("SELECT id FROM images ORDER BY id")
         return np.fromiter((r[0] for r in rows), np.int64, len(rows))
 
@@ -374,6 +390,8 @@ class Catalog:
     def score_stream(self, *, after: int = 0, last: int | None = None) -> dict[str, np.ndarray]:
         """The recorded scores in arrival order: ``id``, ``version``, ``error``, ``score`` arrays
         (images after id ``after``; only the ``last`` n with ``last``)."""
+        import numpy as np
+
         if not self._query("SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'scores'"):
             rows = []  # a store made before scores were recorded, opened read-only
         elif last is not None:

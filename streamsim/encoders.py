@@ -145,27 +145,37 @@ def write_weights(model, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _load_weights(d: Path, meta: dict[str, Any]):
-    """The model from ``weights.npz`` if present and its hash matches ``meta``; else ``None``."""
+def read_weights(directory: str | Path, meta: dict[str, Any] | None = None) -> dict[str, np.ndarray] | None:
+    """The arrays of ``weights.npz`` (keyed by their place in the model's state) if the file is
+    there and its sha256 matches the metadata's; else ``None``. Numpy only (no pickle)."""
     import hashlib
+    import io
 
-    import jax
-    from flax import nnx
-
-    from . import model as M
-
+    d = Path(directory)
+    meta = read_meta(d) if meta is None else meta
     path = d / WEIGHTS
     if not path.is_file() or "weights_sha256" not in meta:
         return None
     raw = path.read_bytes()
     if hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
         return None
-    import io
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            keys = [str(k) for k in z["keys"]]
+            return {k: z[f"a{i}"] for i, k in enumerate(keys)}
+    except (OSError, KeyError, ValueError):
+        return None
 
-    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-        keys = [str(k) for k in z["keys"]]
-        arrays = {k: z[f"a{i}"] for i, k in enumerate(keys)}
-    abstract = M.abstract(meta["arch"], meta["config"])
+
+def model_from_arrays(arch: str, config: dict[str, Any] | None, arrays: dict[str, np.ndarray]):
+    """The Flax model of ``arch``/``config`` holding ``arrays`` (as :func:`read_weights` returns
+    them), or ``None`` when they do not fit its state."""
+    import jax
+    from flax import nnx
+
+    from . import model as M
+
+    abstract = M.abstract(arch, config)
     graphdef, abstract_state = nnx.split(abstract)
     paths, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
     leaves = []
@@ -175,6 +185,32 @@ def _load_weights(d: Path, meta: dict[str, Any]):
             return None
         leaves.append(a)
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, jax.device_put(leaves)))
+
+
+def _load_weights(d: Path, meta: dict[str, Any]):
+    """The model from ``weights.npz`` if present and its hash matches ``meta``; else ``None``."""
+    arrays = read_weights(d, meta)
+    return None if arrays is None else model_from_arrays(meta["arch"], meta["config"], arrays)
+
+
+def load_encoder(directory: str | Path):
+    """An encoder for inference and the checkpoint's metadata: a
+    :class:`~streamsim.infer.NumpyEncoder` over ``weights.npz`` when it is there and whole (no JAX
+    imported), else the :class:`~streamsim.model.Encoder` of :func:`load` (orbax)."""
+    from .infer import NumpyEncoder, WeightsError
+
+    d = Path(directory).absolute()
+    meta = read_meta(d)
+    arrays = read_weights(d, meta)
+    if arrays is not None:
+        try:
+            return NumpyEncoder(meta["arch"], meta.get("config"), arrays), meta
+        except (WeightsError, KeyError, ValueError):
+            pass
+    from .model import Encoder
+
+    model, meta = load(d)
+    return Encoder(model), meta
 
 
 def load(directory: str | Path, *, fast: bool = True):

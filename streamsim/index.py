@@ -129,7 +129,9 @@ class Index:
         return self._store.normaliser(version)
 
     def encoder(self, version: int | None = None):
-        """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
+        """The encoder of ``version`` (default: the active one), cached: codes, errors and
+        reconstructions in numpy (:class:`~streamsim.infer.NumpyEncoder`; batches of more than 512
+        images and training go through the JAX :class:`~streamsim.model.Encoder`)."""
         return self._store.encoder(version)
 
     def vectors(self, version: int | None = None):

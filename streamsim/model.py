@@ -29,15 +29,11 @@ import numpy as np
 from flax import nnx
 
 from .defaults import SIDE
+from .infer import DEFAULT_CONFIGS, as_batch
 
 N_PIXELS = SIDE * SIDE
 
 ARCHITECTURES = ("dense", "mlp", "conv")
-DEFAULT_CONFIGS: dict[str, dict[str, int]] = {
-    "dense": {"code_dim": 100},
-    "mlp": {"code_dim": 64, "hidden": 256},
-    "conv": {"code_dim": 64, "channels": 16},
-}
 UNKNOWN_ARCH_MSG = "unknown architecture {arch!r}; choose one of " + ", ".join(ARCHITECTURES)
 
 
@@ -187,12 +183,7 @@ class Encoder:
         return prog
 
     def _run(self, name: str, pixels: np.ndarray) -> tuple[np.ndarray, ...]:
-        x = np.asarray(pixels)
-        single = x.ndim == 2
-        if single:
-            x = x[None]
-        if x.ndim != 3 or x.shape[1:] != (SIDE, SIDE):
-            raise ValueError(f"expected pixels of shape [N, 28, 28], got {x.shape}")
+        x, single = as_batch(pixels)
         x = np.ascontiguousarray(x, np.uint8)
         outs = []
         step = self.buckets[-1]

@@ -152,6 +152,12 @@ def status(root: str | os.PathLike, catalog: Catalog | None = None) -> dict[str,
     }
 
 
+def versions(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every encoder version of the store (``status``'s ``versions``), read from the catalog alone."""
+    with Catalog.of_store(Path(root).expanduser().absolute(), readonly=True) as cat:
+        return cat.version_rows()
+
+
 def events(root: str | os.PathLike, *, kinds: list[str] | None = None, last: int | None = None) -> list[dict[str, Any]]:
     """The store's event log, flattened: ``time``, ``kind``, ``version``, ``image_id``, ``path``
     and the event's details; only ``kinds`` if given, only the ``last`` n if given."""
@@ -240,16 +246,17 @@ class Store:
         return self._normalisers[version]
 
     def encoder(self, version: int | None = None):
-        """The :class:`~streamsim.model.Encoder` of ``version`` (default: the active one), cached."""
+        """The encoder of ``version`` (default: the active one), cached: a
+        :class:`~streamsim.infer.NumpyEncoder` (:func:`streamsim.encoders.load_encoder`)."""
         from . import encoders
-        from .model import Encoder
 
         version = self.active_version if version is None else int(version)
         with self.lock:
             if version not in self._encoders:
-                model, meta = encoders.load(encoder_dir(self.root, version))
+                # numpy over the version's plain-array weights (JAX only for big batches and training)
+                enc, meta = encoders.load_encoder(encoder_dir(self.root, version))
                 self._metas[version] = meta
-                self._encoders[version] = Encoder(model)
+                self._encoders[version] = enc
             return self._encoders[version]
 
     def remember(self, version: int, encoder, meta: dict[str, Any]) -> None:

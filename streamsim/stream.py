@@ -62,6 +62,8 @@ TEMP_PATTERNS = (".*", "*.part", "*.tmp", "~*", "*.crdownload", "*.swp")
 ERROR_BACKOFF = 1.0  # seconds before a step that failed (full disk, locked catalog) is retried ...
 ERROR_BACKOFF_MAX = 60.0  # ... doubling each time up to this
 ONCE_ERRORS = 5  # `watch --once` gives up after this many such errors in a row
+SCAN_CHUNK = 500  # files a rescan looks up in the journal at once
+_LOOK_UP = object()  # Watcher.offer: look the file up in the journal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +338,6 @@ class Watcher:
         # when a signal (the Ctrl-C that stops the watcher) interrupts it after its deadline passed
         self._events: queue.Queue[tuple[str, str]] = queue.Queue()
         self._pending: dict[str, _Pending] = {}
-        self._done: dict[str, tuple[int, int]] = index.catalog.journal()
         self._observer = None
         self._decoder = Decoder()
         self._errors = 0  # errors in a row (not about one file): the retry waits longer each time
@@ -391,7 +392,12 @@ class Watcher:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def offer(self, path: str, kind: str, now: float) -> None:
+    def offer(self, path: str, kind: str, now: float, journalled: Any = _LOOK_UP) -> None:
+        """Consider ``path`` (seen by an event of ``kind`` or a scan). A file journalled with its
+        current size and mtime was taken already: the catalog's journal says so (looked up here,
+        or passed in as ``journalled``, ``(size, mtime_ns)`` or ``None``, by a scan that looked up
+        many at once) — the watcher keeps no copy of it, so its memory does not grow with the
+        files it has taken."""
         if not wanted(os.path.basename(path), self.config.patterns):
             return
         folder = str(self.config.folder)
@@ -406,7 +412,9 @@ class Watcher:
         if st is None:
             self._pending.pop(path, None)
             return
-        if self._done.get(path) == st:
+        if journalled is _LOOK_UP:
+            journalled = self.index.catalog.journal_stats([path]).get(path)
+        if journalled == st:
             self._pending.pop(path, None)
             return
         p = self._pending.get(path)
@@ -438,12 +446,15 @@ class Watcher:
                 walker = [(folder, [], [e.name for e in os.scandir(folder) if e.is_file()])]
             except OSError:
                 return
+        catalog = self.index.catalog
         for root, dirs, files in walker:
             dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                path = os.path.join(root, name)
-                if path not in self._pending:
-                    self.offer(path, "scan", now)
+            paths = [p for p in (os.path.join(root, name) for name in files) if p not in self._pending]
+            for start in range(0, len(paths), SCAN_CHUNK):
+                chunk = paths[start : start + SCAN_CHUNK]
+                known = catalog.journal_stats(chunk)  # one query for many files
+                for path in chunk:
+                    self.offer(path, "scan", now, known.get(path))
 
     def _drain_events(self, timeout: float) -> None:
         now = time.monotonic()
@@ -495,7 +506,6 @@ class Watcher:
     # -- ingesting ------------------------------------------------------------------------------
 
     def ingest(self, files: list[tuple[str, int, int]]) -> None:
-        stats = {f[0]: (f[1], f[2]) for f in files}
         if len(files) >= POOL_MIN_BATCH:
             self._decoder.start()  # a bulk drop: decode in worker processes from now on
         if self.stream is None:
@@ -510,8 +520,7 @@ class Watcher:
             if outcome.outcome == "gone":
                 self._pending.pop(outcome.path, None)
                 continue
-            self._pending.pop(outcome.path, None)
-            self._done[outcome.path] = stats[outcome.path]
+            self._pending.pop(outcome.path, None)  # journalled with its stat in the batch's transaction
             if outcome.outcome == "stored":
                 self.stats.ingested += 1
             elif outcome.outcome == "duplicate":

@@ -66,6 +66,8 @@ COMPACT_FRACTION = 0.20
 # uint64 range is refused rather than silently wrapped to negative numbers.
 MAX_KEY = 2**63 - 1
 
+FEW_QUERIES = 16  # searched on the calling thread
+
 _METRIC = "cos"
 _DTYPE = "f32"
 
@@ -291,7 +293,8 @@ class Vectors:
         return out_keys, out_dist
 
     def _raw_search(self, q: np.ndarray, count: int, exact: bool):
-        r = self._index.search(q, count, exact=exact)
+        # a few queries: on the calling thread (starting USearch's threads costs more than they save)
+        r = self._index.search(q, count, exact=exact, threads=1 if len(q) <= FEW_QUERIES else 0)
         if isinstance(r, BatchMatches):
             keys = np.asarray(r.keys, dtype=np.uint64).reshape(len(q), -1)[:, :count]
             dist = np.asarray(r.distances, dtype=np.float32).reshape(len(q), -1)[:, :count]

@@ -94,11 +94,13 @@ def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n = q.shape[0]
     qs = _BLUR @ q @ _BLUR.T
     cs = _BLUR @ c @ _BLUR.T
-    both = np.stack([cs, _DIFF @ cs, cs @ _DIFF.T], axis=1)  # [N, 3, 28, 28]: image, d/dy, d/dx
+    # image, d/dy, d/dx side by side, [N, 28, 3 × 28]: one product per pair warps the rows of all three
+    both = np.concatenate([cs, _DIFF @ cs, cs @ _DIFF.T], axis=2)
     p = np.zeros((n, 4), np.float32) + _IDENTITY
     for _ in range(ITERATIONS):
         ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
-        w, ty, tx = (ry[:, None] @ both @ rxt[:, None]).transpose(1, 0, 2, 3)
+        rows = (ry @ both).reshape(n, SIDE, 3, SIDE).transpose(0, 2, 1, 3).reshape(n, 3 * SIDE, SIDE)
+        w, ty, tx = (rows @ rxt).reshape(n, 3, SIDE, SIDE).transpose(1, 0, 2, 3)
         # the Jacobian's columns by (scale_y, scale_x, shift_y, shift_x), and its normal equations
         jac = np.stack([ty * _U[None, :, None], tx * _U[None, None, :], ty, tx], axis=1).reshape(n, 4, -1)
         r = (qs - w).reshape(n, -1, 1)
@@ -149,12 +151,23 @@ def _background_sigma(q, background, sigma, lo, hi) -> np.ndarray:
     count = background.sum(axis=(1, 2))
     seen = (q * q * background).sum(axis=(1, 2)) / np.maximum(count, 1)
     a, b = np.full(len(q), 1e-6, np.float32), np.full(len(q), 3.0, np.float32)
-    zero = np.zeros(len(q), np.float32)
-    for _ in range(30):  # the mean square rises with σ: bisect
-        mid = 0.5 * (a + b)
-        above = _copy_residual(zero, mid, lo[:, 0, 0], hi[:, 0, 0]) > seen
-        a, b = np.where(above, a, mid), np.where(above, mid, b)
+    # the mean square rises with σ: search the bracket, `split` ways a round — many ways for a few
+    # pairs (fewer, larger numpy calls), halving for many (less arithmetic); as fine either way
+    split, rounds = (_SPLIT, _ROUNDS) if len(q) < _FEW_PAIRS else (2, 30)
+    zero = np.zeros((len(q), split - 1), np.float32)
+    step = np.arange(1, split, dtype=np.float32) / np.float32(split)
+    lo_, hi_ = lo[:, 0], hi[:, 0]
+    rows = np.arange(len(q))
+    for _ in range(rounds):
+        at = a[:, None] + (b - a)[:, None] * step  # [N, split − 1]
+        below = (_copy_residual(zero, at, lo_, hi_) <= seen[:, None]).sum(axis=1)  # points still at or below
+        a, b = (np.where(below > 0, at[rows, np.maximum(below - 1, 0)], a),
+                np.where(below < split - 1, at[rows, np.minimum(below, split - 2)], b))
     return np.where(count >= MIN_BACKGROUND, 0.5 * (a + b), sigma[:, 0, 0])[:, None, None]
+
+
+_SPLIT, _ROUNDS = 32, 6  # 32⁶ ≈ 2³⁰: as fine as 30 halvings of (0, 3], in 6 evaluations ...
+_FEW_PAIRS = 64  # ... for fewer pairs than this
 
 
 def edge_energy(w: np.ndarray) -> np.ndarray:

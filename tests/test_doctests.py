@@ -7,7 +7,7 @@ import pytest
 
 MODULES = ["streamsim.images", "streamsim.normalise", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
            "streamsim.perturb", "streamsim.calibrate", "streamsim.verify", "streamsim.stream", "streamsim.adapt",
-           "streamsim.drift", "streamsim.search", "streamsim.server", "streamsim.engines"]
+           "streamsim.drift", "streamsim.search", "streamsim.server", "streamsim.engines", "streamsim.infer"]
 
 
 @pytest.mark.parametrize("name", [pytest.param(m, marks=[pytest.mark.slow] if m == "streamsim.train" else []) for m in MODULES])

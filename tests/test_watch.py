@@ -193,3 +193,22 @@ def test_a_file_removed_before_it_is_read_is_not_a_failure(watcher, digits):
     p.unlink()
     w.ingest(batch)
     assert w.stats.failed == 0 and not w._pending and w.index.catalog.count_failures() == 0
+
+
+def test_the_journal_is_read_from_the_catalog_not_a_copy(watcher, digits):
+    """A taken file is not taken again on a rescan; once its journal row is gone (`forget_journal`,
+    by this or another process) the next rescan takes it again — the watcher holds no copy of the
+    journal that could disagree with the catalog (and grow with every file)."""
+    w, inbox = watcher
+    for i in range(3):
+        (inbox / f"f{i}.png").write_bytes(png_bytes(digits[0][10 + i]))
+    w.run_once()
+    assert w.stats.ingested == 3
+    w.scan()
+    assert not w._pending  # journalled with the same size and mtime: nothing to take
+    w.index.catalog.forget_journal([str(inbox / "f1.png")])
+    w.scan()
+    assert list(w._pending) == [str(inbox / "f1.png")]
+    (inbox / "f2.png").write_bytes(png_bytes(digits[0][20]))  # changed since it was journalled
+    w.offer(str(inbox / "f2.png"), "closed", time.monotonic())
+    assert sorted(w._pending) == [str(inbox / "f1.png"), str(inbox / "f2.png")]
