@@ -67,6 +67,7 @@ class Normaliser:
     scale: float
     quantiles: tuple[float, ...] = ()
     two_sided: bool = False  # fitted on the stream as it is now: a drop of the score is a change too
+    images: int = 0  # the size of a two-sided reference sample (its mean is known to about 1/sqrt(images))
 
     QUANTILE_LEVELS = tuple(np.linspace(0.0, 1.0, 101))
 
@@ -90,7 +91,7 @@ class Normaliser:
         ref = meta.get("drift_reference")
         if ref:
             return cls(ref["intercept"], ref["slope"], ref["scale"], tuple(ref.get("quantiles", ())),
-                       bool(ref.get("two_sided", False)))
+                       bool(ref.get("two_sided", False)), int(ref.get("images", 0)))
         per_ink = meta.get("reference", {}).get("error_per_ink", {})
         mean, std = float(per_ink.get("mean", 1.0)), float(per_ink.get("std", 1.0)) or 1.0
         # log(error / ink) ≈ log(mean) with a relative spread of std / mean
@@ -98,7 +99,7 @@ class Normaliser:
 
     def to_dict(self) -> dict[str, Any]:
         return {"intercept": self.intercept, "slope": self.slope, "scale": self.scale,
-                "quantiles": list(self.quantiles), "two_sided": self.two_sided,
+                "quantiles": list(self.quantiles), "two_sided": self.two_sided, "images": self.images,
                 "formula": "(log(error) - intercept - slope*log(ink)) / scale"}
 
     def score(self, errors: np.ndarray, ink: np.ndarray) -> np.ndarray:
@@ -394,6 +395,10 @@ class DriftMonitor:
         for name in detectors:
             if name == "ks" and normaliser is not None and normaliser.quantiles:
                 self.detectors[name] = KSWindow(quantiles=normaliser.quantiles, cooldown=cooldown)
+            elif name in ("cusum", "cusum_low") and normaliser is not None and normaliser.two_sided and normaliser.images:
+                # a reference of a few held-out images knows its mean only to ~1/sqrt(n) spreads:
+                # the slack grows by three of those, so a stationary stream raises no alarm from it
+                self.detectors[name] = DETECTORS[name](cooldown=cooldown, slack=0.25 + 3.0 / math.sqrt(normaliser.images))
             else:
                 self.detectors[name] = DETECTORS[name](cooldown=cooldown)
         self._ids: collections.deque[int | None] = collections.deque(maxlen=history)

@@ -208,7 +208,8 @@ def retrain(store, *, since: int | None = None, epochs: int | None = None, steps
 
             errors = candidate.encode_with_error(val_px)[1]
             ink = val_px.reshape(len(val_px), -1).mean(axis=1) / 255.0
-            meta["drift_reference"] = dataclasses.replace(Normaliser.fit(errors, ink), two_sided=True).to_dict()
+            meta["drift_reference"] = dataclasses.replace(Normaliser.fit(errors, ink), two_sided=True,
+                                                          images=int(len(val_px))).to_dict()
             meta["drift_reference_sample"] = {"images": int(len(val_px)), "of": "held-out images since the change"}
         complete(store, version, candidate, meta, activate=activate, keep=keep, stop=stop,
                  reference=reference_sample(pixels, seed=seed))

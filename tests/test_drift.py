@@ -61,6 +61,11 @@ def test_a_version_adapted_to_a_change_also_watches_for_a_drop():
     stream = _stream(5, 3_000, 3_000, shift=-2.0)
     alarms = [(i, a.detector) for i, x in enumerate(stream) if (a := mon.update(float(x), image_id=i))]
     assert len(alarms) == 1 and alarms[0][1] == "cusum_low" and 3_000 <= alarms[0][0] <= 3_050
+    # a reference of few images: its mean is uncertain, so both CUSUMs allow more slack
+    few = drift.DriftMonitor(version=2, normaliser=drift.Normaliser(0.0, 1.0, 1.0, two_sided=True, images=36))
+    assert few.detectors["cusum"].slack == few.detectors["cusum_low"].slack == 0.75
+    level = _stream(6, 20_000, 0, shift=0.0) - 0.4  # the level of a 36-image reference missed by 0.4
+    assert not [x for x in level if few.update(float(x))]
 
 
 @pytest.mark.parametrize("name", DETECTORS)
