@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["streamsim.images", "streamsim.normalise", "streamsim.model", "streamsim.train", "streamsim.index", "streamsim.evaluate",
-           "streamsim.perturb", "streamsim.calibrate", "streamsim.verify", "streamsim.stream", "streamsim.adapt",
+           "streamsim.perturb", "streamsim.calibrate", "streamsim.verify", "streamsim.stream", "streamsim.watch", "streamsim.adapt",
            "streamsim.drift", "streamsim.search", "streamsim.server", "streamsim.engines", "streamsim.infer"]
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import EXE, cli_json, misbehaving_loader, png_bytes, write_pngs
-from streamsim import Index, images, normalise, stream, workers
+from streamsim import Index, images, normalise, watch, workers
 from streamsim.catalog import Catalog
 
 
@@ -59,7 +59,7 @@ def test_a_file_that_decodes_too_long_is_failed_here_too(tmp_path, digits, monke
 
 
 def test_a_full_disk_keeps_files_unacknowledged_and_the_watcher_retries(tmp_path, digits, monkeypatch):
-    monkeypatch.setattr(stream, "ERROR_BACKOFF", 0.05)
+    monkeypatch.setattr(watch, "ERROR_BACKOFF", 0.05)
     inbox = tmp_path / "inbox"
     write_pngs(inbox, digits[0][:10])
     with Index.open(tmp_path / "store") as index:
@@ -73,8 +73,8 @@ def test_a_full_disk_keeps_files_unacknowledged_and_the_watcher_retries(tmp_path
 
         monkeypatch.setattr(index.catalog, "add_images", full)
         events = []
-        config = stream.WatchConfig(inbox, settle=0.0, use_events=False, retrain=False)
-        stream.Watcher(index, config, events.append).run_once()
+        config = watch.WatchConfig(inbox, settle=0.0, use_events=False, retrain=False)
+        watch.Watcher(index, config, events.append).run_once()
         kinds = [e["event"] for e in events]
         assert kinds.count("error") == 2 and kinds.count("stored") == 10, kinds
         assert "disk is full" in next(e for e in events if e["event"] == "error")["reason"]

@@ -148,7 +148,7 @@ def test_second_watcher_on_the_same_store_is_refused(tmp_path):
 
 @pytest.fixture
 def watcher(tmp_path):
-    from streamsim.stream import Watcher, WatchConfig
+    from streamsim.watch import Watcher, WatchConfig
 
     inbox = tmp_path / "inbox"
     (inbox / ".staging").mkdir(parents=True)
