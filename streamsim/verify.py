@@ -6,7 +6,9 @@ normalisation placed its ink — a slightly different box, so a slightly differe
 offset. Another writer's same character differs by its *shape*. So each candidate's stored
 pixels are registered onto the query's :class:`~streamsim.images.Frame` (the query's ink with its
 noise kept, in the pixels' frame) by a scale and a shift per axis, found by Gauss-Newton steps
-on lightly smoothed images with a prior that keeps the fit near the identity, and then:
+on lightly smoothed images with a prior that keeps the fit near the identity — and, where that
+fit points to one, a small rotation (a re-scan laid a little askew: up to :data:`MAX_TURN`, under
+a prior of :data:`TURN_SD`; not for queries under heavy paper noise, :data:`TURN_NOISE`), and then:
 
 - *residual* — the squared difference left after the fit, plus the prior's penalty: the
   lower, the better a candidate explains the query. Used to order candidates.
@@ -19,8 +21,8 @@ on lightly smoothed images with a prior that keeps the fit near the identity, an
   alike. Used, with a threshold calibrated per encoder version (:mod:`streamsim.calibrate`), to
   call a candidate a duplicate.
 
-Batched numpy on ``[N, 28, 28]`` pairs: the warps are separable, so each is two 28×28 matrix
-products.
+Batched numpy on ``[N, 28, 28]`` pairs: the scale-and-shift warps are separable, so each is two
+28×28 matrix products; a turn is tried by resampling the candidate once and fitting again.
 
 Example:
     >>> from streamsim.images import Frame
@@ -41,6 +43,11 @@ from .defaults import SIDE
 from .images import Frame
 
 ITERATIONS = 4
+TURN_SD = 0.06  # radians (3.4°): the prior's spread of a copy's rotation (a re-scan laid a little askew) ...
+MAX_TURN = 0.15  # ... the largest tried (8.6°) ...
+MIN_TURN = 0.01  # ... and the smallest worth trying
+TURN_ROUNDS = 1  # rotations tried, each from the last one's fit
+TURN_NOISE = 0.1  # queries with paper noise of this σ or more are not tried turned
 SMOOTH = 0.7  # Gaussian σ (px) of the images the fit is made on
 # prior standard deviations of (scale_y, scale_x, shift_y, shift_x) around (1, 1, 0, 0), and the
 # noise variance they are weighed against (per pixel, 0..1 ink)
@@ -87,16 +94,19 @@ _COLUMNS = np.arange(SIDE, dtype=np.float32)
 _DIFF = _difference_matrix()
 
 
-def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _register(q: np.ndarray, c: np.ndarray, start: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fit ``(scale_y, scale_x, shift_y, shift_x)`` mapping each candidate ``c`` onto its query
-    ``q`` (``[N, 28, 28]`` floats, ink 0..1): Gauss-Newton on the smoothed images, with the prior.
-    Returns ``(params [N, 4], warped candidates)``."""
+    ``q`` (``[N, 28, 28]`` floats, ink 0..1): Gauss-Newton on the smoothed images, with the prior,
+    from the identity or ``start``. Returns ``(params [N, 4], warped candidates, turn step [N])``:
+    the last step is the Gauss-Newton step a rotation about the centre would take from there (in
+    radians, under its prior :data:`TURN_SD`) — how far the candidate looks turned."""
     n = q.shape[0]
     qs = _BLUR @ q @ _BLUR.T
     cs = _BLUR @ c @ _BLUR.T
     # image, d/dy, d/dx side by side, [N, 28, 3 × 28]: one product per pair warps the rows of all three
     both = np.concatenate([cs, _DIFF @ cs, cs @ _DIFF.T], axis=2)
-    p = np.zeros((n, 4), np.float32) + _IDENTITY
+    p = np.zeros((n, 4), np.float32) + _IDENTITY if start is None else start.astype(np.float32)
     for _ in range(ITERATIONS):
         ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
         rows = (ry @ both).reshape(n, SIDE, 3, SIDE).transpose(0, 2, 1, 3).reshape(n, 3 * SIDE, SIDE)
@@ -108,8 +118,12 @@ def _register(q: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         g = (jac @ r)[..., 0] - (p - _IDENTITY) * _LAMBDA
         p = p + np.linalg.solve(h, g[..., None])[..., 0]
         p = np.concatenate([np.clip(p[:, :2], 0.7, 1.4), np.clip(p[:, 2:], -6.0, 6.0)], axis=1)
+    # the turn, by its Jacobian column at the last iteration's warp (image gradients times the
+    # lever arm about the centre), against the residual left
+    jt = (ty * _U[None, None, :] - tx * _U[None, :, None]).reshape(n, -1)
+    turn = (jt * r[..., 0]).sum(axis=1) / ((jt * jt).sum(axis=1) + PRIOR_NOISE / TURN_SD**2)
     ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
-    return p, ry @ c @ rxt
+    return p, ry @ c @ rxt, turn
 
 
 def _clipped(w: np.ndarray, sigma: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,8 +190,45 @@ def edge_energy(w: np.ndarray) -> np.ndarray:
     return (np.diff(w, axis=1) ** 2).sum(axis=(1, 2)) + (np.diff(w, axis=2) ** 2).sum(axis=(1, 2))
 
 
+def _turned(q: np.ndarray, c: np.ndarray, allow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Register each candidate onto its query allowing a small rotation: the scale-and-shift fit
+    (:func:`_register`), then, where it points to a turn, the candidate turned by it (up to
+    :data:`MAX_TURN`) and fitted again from there; the better of the two by residual plus the
+    turn's prior penalty — for the pairs in ``allow``. Returns ``(penalty [N], warped candidates)``."""
+    p, w, turn = _register(q, c)
+    penalty = ((p - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1)
+    total = np.zeros(len(c), np.float32)  # the turn each candidate is tried at
+    for _ in range(TURN_ROUNDS):
+        redo = np.flatnonzero((np.abs(turn) >= MIN_TURN) & allow)
+        if not len(redo):
+            break
+        t = np.clip(total[redo] + turn[redo], -MAX_TURN, MAX_TURN)
+        p2, w2, turn2 = _register(q[redo], _rotate(c[redo], t), p[redo])
+        pen2 = ((p2 - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1) + PRIOR_NOISE * (t / TURN_SD) ** 2
+        old = ((q[redo] - w[redo]) ** 2).sum(axis=(1, 2)) + penalty[redo]
+        better = ((q[redo] - w2) ** 2).sum(axis=(1, 2)) + pen2 < old
+        keep = redo[better]
+        w[keep], penalty[keep], p[keep], total[keep] = w2[better], pen2[better], p2[better], t[better]
+        turn = np.zeros(len(c), np.float32)
+        turn[keep] = turn2[better]
+    return penalty, w
+
+
+def _rotate(c: np.ndarray, turn: np.ndarray) -> np.ndarray:
+    """Images ``[N, 28, 28]`` turned by ``turn`` radians about the centre (bilinear, 0 outside)."""
+    from scipy.ndimage import map_coordinates
+
+    cos, sin = np.cos(turn)[:, None, None], np.sin(turn)[:, None, None]
+    v, u = _U[None, :, None], _U[None, None, :]
+    ys, xs = cos * v + sin * u + _CENTRE, -sin * v + cos * u + _CENTRE
+    n = np.broadcast_to(np.arange(len(c))[:, None, None], ys.shape)
+    return map_coordinates(c, [n, ys, xs], order=1, mode="constant", cval=0.0).astype(np.float32)
+
+
 def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
-    p, w = _register(q, c)
+    # a heavily noisy query is not tried turned: under its noise a turn fits another writer's
+    # character about as often as it straightens a copy
+    penalty, w = _turned(q, c, sigma[:, 0, 0] < TURN_NOISE)
     resid = ((q - w) ** 2).sum(axis=(1, 2))
     stray = rate * ((hi - w) ** 2 + (lo - w) ** 2)  # a stray pixel replaces the value with lo or hi
     expected = stray.sum(axis=(1, 2))
@@ -188,7 +239,6 @@ def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
         gauss = _summed_copy_residual(w[noisy], s[:, 0, 0], lo[noisy, 0, 0], hi[noisy, 0, 0])
         expected[noisy] += (1 - 2 * rate[noisy, 0, 0]) * gauss
     energy = np.maximum(edge_energy(w), 1e-3)
-    penalty = ((p - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1)
     return resid + penalty, (resid - expected) / energy
 
 

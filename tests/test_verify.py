@@ -56,7 +56,7 @@ def test_registration_recovers_a_shift_and_a_scale():
     from scipy.ndimage import affine_transform
 
     moved = affine_transform(c[0], [1 / 1.1, 1.0], offset=[-1.5, 1.0], order=1)  # 10 % taller, shifted
-    p, w = verify._register(moved[None], c)
+    p, w, _turn = verify._register(moved[None], c)
     assert abs(p[0, 0] - 1 / 1.1) < 0.03 and abs(p[0, 3] - 1.0) < 0.3
     assert ((moved - w[0]) ** 2).sum() < 0.1 * ((moved - c[0]) ** 2).sum()
 
