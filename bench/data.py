@@ -169,3 +169,61 @@ def cjk_renders(chars, *, size: int = 48, canvas: int = 64):
         labels += [ch] * len(fonts)
         faces += [name for name, _ in fonts]
     return np.stack(out), np.asarray(labels), np.asarray(faces)
+
+
+# Printed glyphs for the duplicate benchmark: one regular face of each of twelve distinct designs
+# (DejaVu, Liberation, and the Latin letters of the CJK packages' faces), each character once per
+# face at one of several sizes — the same character in one face at two sizes would be one drawing.
+PRINTED_FACES = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSerif.ttf",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSansMono.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSerif-Regular.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationMono-Regular.ttf",
+    "/usr/share/fonts/truetype/arphic/ukai.ttc",
+    "/usr/share/fonts/truetype/arphic/uming.ttc",
+    "/usr/share/fonts/opentype/ipafont-gothic/ipag.ttf",
+    "/usr/share/fonts/opentype/ipafont-mincho/ipam.ttf",
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSerifCJK-Regular.ttc",
+]
+PRINTED_SIZES = (20, 28, 36, 44)
+# Characters that are one drawing up to size (normalising removes size) share a label: "c" is a
+# small "C" in most faces, and "l", "I", "1" are one bar in several.
+SAME_DRAWING = {c: g for g in ("cC", "oO0", "sS", "vV", "wW", "xX", "zZ", "lI1") for c in g}
+
+
+def printed_glyphs(seed: int = 0, canvas: int = 64):
+    """The 62 letters and digits in each of :data:`PRINTED_FACES`, black on white, each at a size
+    drawn from :data:`PRINTED_SIZES`: (uint8 [N, canvas, canvas], labels [N], labels merged by
+    :data:`SAME_DRAWING`). Needs the DejaVu, Liberation and CJK font packages (``CJK_PACKAGES``,
+    ``fonts-liberation``)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    out, labels = [], []
+    for path in PRINTED_FACES:
+        fonts = {s: ImageFont.truetype(path, s) for s in PRINTED_SIZES}
+        for ch in GLYPHS:
+            img = Image.new("L", (canvas, canvas), 255)
+            ImageDraw.Draw(img).text((canvas // 2, canvas // 2), ch, fill=0, font=fonts[int(rng.choice(PRINTED_SIZES))],
+                                     anchor="mm")
+            a = np.asarray(img)
+            if a.min() <= 128:  # the face has the glyph
+                out.append(a)
+                labels.append(SAME_DRAWING.get(ch, ch))
+    return np.stack(out), np.asarray(labels)
+
+
+def cjk_glyphs(chars, seed: int = 0, sizes=(32, 40, 48)):
+    """Each of ``chars`` in each regular face of :data:`CJK_FACES` (the bold ones share a design
+    with a regular one and are left out), each at a size drawn from ``sizes`` on a 64-px canvas:
+    (uint8 [N, 64, 64], character labels [N])."""
+    rng = np.random.default_rng(seed)
+    by = {s: cjk_renders(chars, size=s, canvas=64) for s in sizes}
+    x0, y0, faces = by[sizes[-1]]
+    pick = rng.choice(sizes, len(x0))
+    x = np.stack([by[int(s)][0][i] for i, s in enumerate(pick)])
+    keep = np.array(["Bold" not in f for f in faces])
+    return x[keep], np.asarray(y0)[keep]

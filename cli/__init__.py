@@ -490,6 +490,9 @@ def eval_(
                                                   "(default: the shipped encoder).")] = None,
     version: Annotated[Optional[int], typer.Option("--version", min=1, help="With --store: which version "
                                                    "(default: the active one).")] = None,
+    unseen: Annotated[str, typer.Option("--unseen", help="Hold out random images (images) or every image of "
+                                        "random labels (labels: printed type, where one character in two "
+                                        "typefaces may be the same drawing).")] = "images",
     as_json: JsonOpt = False,
 ) -> None:
     """Measure search quality on labelled images in a temporary store: streamsim against raw and
@@ -508,7 +511,7 @@ def eval_(
             checkpoint = encoder_dir(Path(store).absolute(), version)
         x, y = evaluate.load_data(data)
         report = evaluate.evaluate(x, y, queries=queries, seed=seed, calibrate_store=calibrate_store, parallel=True,
-                                   checkpoint=checkpoint)
+                                   checkpoint=checkpoint, unseen=unseen)
         if store is not None:
             report["encoder"]["store"] = {"path": str(Path(store).absolute()), "version": version}
         if as_json:

@@ -189,3 +189,25 @@ def calibrate_store(store, *, version: int | None = None, seed: int = 0) -> dict
     store.catalog.update_version_meta(version, store_calibration=record, duplicate_threshold=record["threshold"])
     store.catalog.add_event("calibrated", version=version, detail={k: record[k] for k in ("threshold", "measured", "images")})
     return record
+
+
+AUTO_CALIBRATION = 1000  # stored images from which a store calibrates its active version by itself ...
+AUTO_GROWTH = 2.0  # ... and again each time it has grown this many times since
+
+
+def auto_calibrate(store) -> dict[str, Any] | None:
+    """Calibrate the active version on the store's own images (:func:`calibrate_store`) when the
+    store is big enough to say what a distinct image looks like here — at least
+    :data:`AUTO_CALIBRATION` images — and the version was not calibrated on it yet, or on fewer
+    than 1 / :data:`AUTO_GROWTH` of the images it holds now. Called after every ingest; returns
+    the record when it calibrated, else None. A store too small is left on the version's own
+    threshold (calibrated on its training data)."""
+    n = store.catalog.count_images()
+    if n < AUTO_CALIBRATION:
+        return None
+    from .search import store_calibration
+
+    own = store_calibration(store, store.active_version)
+    if own is not None and n < AUTO_GROWTH * int(own.get("images", 0)):
+        return None
+    return calibrate_store(store)

@@ -15,8 +15,15 @@ importable, a 64-bit perceptual hash (Hamming distance):
 - streamsim only: ``duplicate_mode`` — ``recall`` (the original is among the ``duplicate``-mode
   hits of its near-duplicate copy), ``false_duplicate_rate`` (unseen images, held out of the
   store, for which ``duplicate`` mode returns anything) and ``false_duplicate_rate_noisy`` (the
-  same for near-duplicate copies of the unseen images); ``recall_mode`` — ``recall_at_100`` of
+  same for near-duplicate copies of the unseen images) and ``rescan_recall`` (the original is among
+  the ``duplicate``-mode hits of a re-scan of it: turned by up to ±5°, shifted by up to ±1 px,
+  light paper noise); ``recall_mode`` — ``recall_at_100`` of
   ``recall``-mode search, on clean and on perturbed queries, next to ``similar``'s.
+
+Unseen images are a random sample of the images (``unseen="images"``: another writer's same
+character must not be called a copy), or every image of a random sample of the labels
+(``unseen="labels"``: for printed type, where one character in two typefaces may be the same
+drawing, ``docs/search-modes.md``).
 
 Perturbations (:mod:`streamsim.perturb`) are applied to the images as given (any size, either
 polarity), then every query goes through the same normalisation as any input.
@@ -45,6 +52,7 @@ CONDITIONS = ("clean", *PERTURBATIONS)
 METRICS = ("p_at_10", "map", "recall_at_100")
 TOP = 100  # ranks scored by map and recall_at_100
 PARALLEL_MIN = 2000  # images to normalise (stored + every condition's queries) from which workers share them
+UNSEEN = ("images", "labels")
 BAD_DATA_MSG = "{path}: {reason}; expected an .npz with `images` (uint8 [N, H, W]) and `labels` ([N])"
 
 
@@ -165,10 +173,21 @@ class Split:
     unseen: np.ndarray  # indices into the data, never stored
 
     @classmethod
-    def make(cls, n: int, *, queries: int, seed: int) -> Split:
+    def make(cls, n: int, *, queries: int, seed: int, labels: np.ndarray | None = None) -> Split:
+        """About a tenth of the images (at most ``queries``) unseen — whole labels' images when
+        ``labels`` are given (labels in a random order, until that many) — the rest stored."""
         rng = np.random.default_rng(seed)
         perm = rng.permutation(n)
         n_unseen = min(queries, max(1, n // 10)) if n >= 10 else 1
+        if labels is not None:
+            classes = rng.permutation(np.unique(labels))
+            sizes = np.cumsum([np.sum(labels == c) for c in classes])
+            held = classes[: max(1, int(np.searchsorted(sizes, n_unseen)) + 1)]
+            held = held if len(held) < len(classes) else held[:-1]
+            chosen = np.isin(labels, held)
+            unseen, stored = np.flatnonzero(chosen), np.flatnonzero(~chosen)
+            q = np.sort(rng.choice(len(stored), min(queries, len(stored)), replace=False))
+            return cls(stored, q, unseen)
         unseen, stored = np.sort(perm[:n_unseen]), np.sort(perm[n_unseen:])
         q = np.sort(rng.choice(len(stored), min(queries, len(stored)), replace=False))
         return cls(stored, q, unseen)
@@ -220,7 +239,7 @@ def _scores(ranked: np.ndarray, labels: np.ndarray, qlabels: np.ndarray, relevan
 
 def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000, seed: int = 0,
              checkpoint: str | Path | None = None, progress: Callable[[str], None] | None = None,
-             calibrate_store: bool = False, parallel: bool = False, policy=None) -> dict[str, Any]:
+             calibrate_store: bool = False, parallel: bool = False, policy=None, unseen: str = "images") -> dict[str, Any]:
     """Measure streamsim and the baselines on labelled images; returns the report (see module doc).
 
     ``checkpoint`` is an encoder folder to evaluate (default: the shipped encoder).
@@ -230,10 +249,15 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     in worker processes, as ``streamsim eval`` does (where :func:`streamsim.workers.workers_allowed`:
     a script needs the ``if __name__ == "__main__":`` guard). The report is the same either way.
     ``policy``: how streamsim's search modes rank (:class:`~streamsim.search.SearchPolicy`;
-    default the product's).
+    default the product's). ``unseen``: ``"images"`` or ``"labels"`` (see the module doc).
+
+    A store of at least :data:`streamsim.calibrate.AUTO_CALIBRATION` images calibrates its
+    duplicate rule on its own images by itself, as any store does (``encoder.store_calibration``).
     """
     from .index import Index
 
+    if unseen not in UNSEEN:
+        raise ValueError(f"unseen must be one of {', '.join(UNSEEN)}, got {unseen!r}")
     t0 = time.perf_counter()
     say = progress or (lambda _msg: None)
     x = np.asarray(data_images, np.uint8)
@@ -241,7 +265,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     if y.dtype.kind in "US":
         y = np.unique(y, return_inverse=True)[1]
     y = y.astype(np.int64)
-    split = Split.make(len(x), queries=queries, seed=seed)
+    split = Split.make(len(x), queries=queries, seed=seed, labels=y if unseen == "labels" else None)
     raw_s, lab_s = x[split.stored], y[split.stored]
     q_raw, q_lab, q_own = raw_s[split.queries], lab_s[split.queries], split.queries
     relevant = np.bincount(lab_s, minlength=y.max() + 1)[q_lab] - 1
@@ -257,13 +281,15 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
         px_s = np.concatenate([c.result() for c in chunks])
         jobs = {kind: run(_condition, q_raw, kind, seed + n, px_s[q_own]) for n, kind in enumerate(PERTURBATIONS, 1)}
         jobs["neardup"] = run(_condition, q_raw, "neardup", seed + 99, px_s[q_own])
+        jobs["rescan"] = run(_condition, q_raw, "rescan", seed + 97, px_s[q_own])
         clean = _condition(q_raw, None, 0, None)
         clean_unseen = normalise_all(unseen_raw, frames=True)
         noisy_unseen = _condition(unseen_raw, "neardup", seed + 98, clean_unseen[0])
         conditions: dict[str, tuple[np.ndarray, np.ndarray, list]] = {"clean": clean}
         conditions.update({kind: jobs[kind].result() for kind in PERTURBATIONS})
         nd_raw, nd_px, nd_fr = jobs["neardup"].result()
-    unseen = (clean_unseen, noisy_unseen[1:])
+        rescans = jobs["rescan"].result()[1:]
+    unseen_sets = (clean_unseen, noisy_unseen[1:])
     say("perturbed the queries")
 
     methods: dict[str, dict[str, Any]] = {}
@@ -292,17 +318,19 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
             pos = np.full(int(ids.max()) + 1, -1, np.int64)
             pos[ids] = np.arange(len(ids))
             say("built the store")
-            store_calibration = index.calibrate_duplicates(seed=seed) if calibrate_store else None
+            if calibrate_store:
+                index.calibrate_duplicates(seed=seed)
             methods["streamsim"] = _measure_index(index, pos, conditions, (nd_px, nd_fr), lab_s, q_lab, q_own, relevant,
-                                                  unseen, seed=seed)
+                                                  unseen_sets, rescans, seed=seed)
             version = index.active_version
+            store_calibration = index.store_calibration(version)
             meta = index.meta(version)
             threshold = index.duplicate_rule(version)
     say("streamsim done")
     order = ["streamsim", *[m for m in methods if m != "streamsim"]]
     return {
         "data": {"images": len(x), "stored": len(raw_s), "queries": len(q_raw),
-                 "unseen": len(split.unseen), "classes": len(np.unique(y)),
+                 "unseen": len(split.unseen), "unseen_by": unseen, "classes": len(np.unique(y)),
                  "image_shape": [int(s) for s in x.shape[1:]], "seed": int(seed)},
         "encoder": {"version": int(version), "arch": meta.get("arch"),
                     "duplicate_threshold": threshold, "store_calibration": store_calibration},
@@ -312,7 +340,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
     }
 
 
-def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevant, unseen, *, seed) -> dict[str, Any]:
+def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevant, unseen, rescans, *, seed) -> dict[str, Any]:
     def ranked(px, k, mode="similar", frames=None):
         rows = index.search_pixels(px, k, mode=mode, frames=frames)
         out = np.full((len(rows), k), -1, np.int64)
@@ -327,6 +355,8 @@ def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevan
     top1 = ranked(nd_px, 1, frames=nd_fr)[:, 0]
     dup = index.search_pixels(nd_px, 10, mode="duplicate", frames=nd_fr)
     dup_recall = float(np.mean([any(pos[m.id] == q_own[i] for m in row) for i, row in enumerate(dup)]))
+    turned = index.search_pixels(rescans[0], 10, mode="duplicate", frames=rescans[1])
+    rescan_recall = float(np.mean([any(pos[m.id] == q_own[i] for m in row) for i, row in enumerate(turned)]))
     (unseen_px, unseen_fr), (noisy_px, noisy_fr) = unseen
     false_dup = index.search_pixels(unseen_px, 1, mode="duplicate", frames=unseen_fr) if len(unseen_px) else []
     false_noisy = index.search_pixels(noisy_px, 1, mode="duplicate", frames=noisy_fr) if len(noisy_px) else []
@@ -345,7 +375,7 @@ def _measure_index(index, pos, conditions, neardup, lab_s, q_lab, q_own, relevan
     return {
         "retrieval": res,
         "neardup_top1": float(np.mean(top1 == q_own)),
-        "duplicate_mode": {"recall": dup_recall,
+        "duplicate_mode": {"recall": dup_recall, "rescan_recall": rescan_recall,
                            "false_duplicate_rate": float(np.mean([bool(r) for r in false_dup])) if len(unseen_px) else 0.0,
                            "false_duplicate_rate_noisy": float(np.mean([bool(r) for r in false_noisy])) if len(noisy_px) else 0.0},
         "recall_mode": recall_mode,
@@ -375,7 +405,8 @@ def format_report(report: dict[str, Any]) -> str:
     s = report["methods"]["streamsim"]
     lines.append(f"duplicate mode: recall {s['duplicate_mode']['recall']:.3f}, "
                  f"false-duplicate rate {s['duplicate_mode']['false_duplicate_rate']:.3f} "
-                 f"(noisy queries {s['duplicate_mode']['false_duplicate_rate_noisy']:.3f})")
+                 f"(noisy queries {s['duplicate_mode']['false_duplicate_rate_noisy']:.3f}; unseen by {d['unseen_by']}), "
+                 f"re-scans turned up to ±5° found {s['duplicate_mode']['rescan_recall']:.3f}")
     rm = s["recall_mode"]
     lines.append(f"recall mode recall@100: clean {rm['recall_at_100']:.3f} (similar {rm['similar_recall_at_100']:.3f}), "
                  f"perturbed {rm['recall_at_100_perturbed']:.3f} (similar {rm['similar_recall_at_100_perturbed']:.3f})")

@@ -178,7 +178,9 @@ class Index:
         """Store several images; returns their ids in order. Raises :class:`ImageError` on bad input
         before anything of the batch is stored."""
         loaded = [images.load(x) for x in images_]  # a uint8 [N, H, W] array iterates image by image
-        return [s.id for s in ingest.store_images(self._store, loaded).rows]
+        ids = [s.id for s in ingest.store_images(self._store, loaded).rows]
+        self._calibrate_when_grown()
+        return ids
 
     def ingest(self, items: Iterable[Any] | np.ndarray) -> list[FileOutcome]:
         """Store items of any kind :meth:`add_many` takes, each answered in order by a
@@ -201,6 +203,7 @@ class Index:
         done = ingest.store_images(self._store, [x for _, x in good])
         for j, (i, x) in enumerate(good):
             out[i] = done.outcome(j, x.path)
+        self._calibrate_when_grown()
         return out
 
     def stream(self, *, adapt: bool = True, budget: int | None = None, keep: int | None = None, **options: Any):
@@ -251,6 +254,7 @@ class Index:
                 for results, codes, errors in eng.load_encode(encoder_dir(self.root, version), files, batch=batch):
                     pending.extend(results)
                     flush(ingest.Encoded(version, codes, errors))
+            self._calibrate_when_grown()
             return IngestReport(added, dups, failed)
         if address is not None:
             raise ValueError(engines.ADDRESS_MSG)
@@ -260,6 +264,7 @@ class Index:
                 if len(pending) >= batch:
                     flush()
             flush()
+        self._calibrate_when_grown()
         return IngestReport(added, dups, failed)
 
     def ingest_files(self, files: Sequence[tuple[str, int, int]], *, decoder: Decoder | None = None) -> list[FileOutcome]:
@@ -276,7 +281,17 @@ class Index:
                 results = list(own.load([str(f[0]) for f in files]))
         else:
             results = list(decoder.load([str(f[0]) for f in files]))
-        return ingest.ingest_results(self._store, results, stats)
+        out = ingest.ingest_results(self._store, results, stats)
+        self._calibrate_when_grown()
+        return out
+
+    def _calibrate_when_grown(self) -> None:
+        """The duplicate rule follows the store: calibrated on its own images once it holds enough,
+        and again as it grows (:func:`streamsim.calibrate.auto_calibrate`)."""
+        from .calibrate import auto_calibrate
+
+        with self._store.lock:
+            auto_calibrate(self._store)
 
     def remove(self, image_id: int) -> bool:
         """Delete an image (its pixels, paths and vectors). Returns False if there was none."""
@@ -329,6 +344,12 @@ class Index:
         (:func:`streamsim.search.duplicate_rule`); a threshold calibrated on this store's own
         images (:meth:`calibrate_duplicates`) takes precedence."""
         return search.duplicate_rule(self._store, version)
+
+    def store_calibration(self, version: int | None = None) -> dict[str, Any] | None:
+        """What calibrating ``version`` (default: the active one) on this store's own images
+        recorded — by :meth:`calibrate_duplicates`, or by itself once the store held enough
+        images (:func:`streamsim.calibrate.auto_calibrate`) — or None."""
+        return search.store_calibration(self._store, self.active_version if version is None else int(version))
 
     def calibrate_duplicates(self, *, seed: int = 0) -> dict[str, Any]:
         """Recalibrate the active version's duplicate threshold on this store's own images, for

@@ -25,6 +25,7 @@ SALT_PEPPER = 0.05  # fraction of pixels set to black or white
 SHIFT_PX = 3  # uniform integer shift on each axis, on a 28-px image
 ROTATE_DEG = 10.0
 ELASTIC_ALPHA, ELASTIC_SIGMA = 16.0, 3.0  # a Simard-style field: about 1 px rms displacement on 28 px
+RESCAN_DEG, RESCAN_SIGMA = 5.0, 0.05  # a re-scan: turned by up to ±5°, shifted by up to ±1 px, light paper noise
 STROKE_PX = 2  # grey dilation / erosion window on a 28-px image (about ±1 px of stroke width)
 
 
@@ -94,9 +95,10 @@ def _salt_pepper(img: np.ndarray, rng: np.random.Generator, rate: float) -> np.n
 
 def perturb(raw: np.ndarray, kind: str, *, seed: int = 0) -> np.ndarray:
     """Perturbed copies of uint8 images ``[N, H, W]``: one of :data:`PERTURBATIONS` at its fixed
-    strength, or ``"neardup"`` (a ±3 px shift, then noise σ 0.3). Seeded."""
-    if kind not in (*PERTURBATIONS, "neardup"):
-        raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)} or neardup")
+    strength, ``"neardup"`` (a ±3 px shift, then noise σ 0.3) or ``"rescan"`` (turned by up to
+    ±5°, shifted by up to ±1 px, noise σ 0.05). Seeded."""
+    if kind not in (*PERTURBATIONS, "neardup", "rescan"):
+        raise ValueError(f"unknown perturbation {kind!r}; choose one of {', '.join(PERTURBATIONS)}, neardup or rescan")
     rng = np.random.default_rng(seed)
     f, inverted = _ink_bright(np.asarray(raw, np.uint8))
     scale = max(f.shape[1:]) / SIDE
@@ -105,6 +107,10 @@ def perturb(raw: np.ndarray, kind: str, *, seed: int = 0) -> np.ndarray:
     for i, img in enumerate(f):
         if kind in ("shift", "neardup"):
             img = _shift(img, *rng.integers(-shift, shift + 1, 2))
+        if kind == "rescan":
+            one = max(1, round(scale))
+            img = _shift(_rotate(img, rng.uniform(-RESCAN_DEG, RESCAN_DEG)), *rng.integers(-one, one + 1, 2))
+            img = img + RESCAN_SIGMA * rng.standard_normal(img.shape).astype(np.float32)
         if kind in ("noise", "neardup"):
             img = img + NOISE_SIGMA * rng.standard_normal(img.shape).astype(np.float32)
         elif kind == "salt_pepper":
