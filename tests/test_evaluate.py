@@ -36,7 +36,7 @@ def test_eval_json_keys(tiny):
             assert all(0.0 <= v <= 1.0 for v in scores.values())
         assert 0.0 <= m["neardup_top1"] <= 1.0
     s = rep["methods"]["streamsim"]
-    assert set(s["duplicate_mode"]) == {"recall", "false_duplicate_rate", "false_duplicate_rate_noisy"}
+    assert set(s["duplicate_mode"]) == {"recall", "rescan_recall", "false_duplicate_rate", "false_duplicate_rate_noisy"}
     assert set(s["recall_mode"]) == {"recall_at_100", "recall_at_100_perturbed", "similar_recall_at_100",
                                      "similar_recall_at_100_perturbed"}
     assert s["retrieval"]["clean"]["p_at_10"] > rep["methods"]["raw_pixels"]["retrieval"]["shift"]["p_at_10"]
