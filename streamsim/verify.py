@@ -46,6 +46,8 @@ ITERATIONS = 4
 TURN_SD = 0.06  # radians (3.4°): the prior's spread of a copy's rotation (a re-scan laid a little askew) ...
 MAX_TURN = 0.15  # ... the largest tried (8.6°) ...
 MIN_TURN = 0.01  # ... and the smallest worth trying
+TURN_SMOOTH = 1.2  # Gaussian σ (px), on top of SMOOTH, of the images a turn is estimated on
+ROTATE_ORDER = 3  # a turned candidate is resampled by cubic splines: linear interpolation blurs fine strokes
 TURN_ROUNDS = 1  # rotations tried, each from the last one's fit
 TURN_NOISE = 0.1  # queries with paper noise of this σ or more are not tried turned
 SMOOTH = 0.7  # Gaussian σ (px) of the images the fit is made on
@@ -65,6 +67,7 @@ def _blur_matrix(sigma: float) -> np.ndarray:
 
 _BLUR = _blur_matrix(SMOOTH)
 _WIDE = _blur_matrix(1.0)
+_COARSE = _blur_matrix(TURN_SMOOTH)
 INK_LEVEL = 0.02  # where the registered candidate, smoothed by σ 1 px, exceeds this: near its ink
 MIN_BACKGROUND = 50  # pixels, to re-measure the query's noise on
 _LAMBDA = (PRIOR_NOISE / PRIOR_SD**2).astype(np.float32)
@@ -120,8 +123,10 @@ def _register(q: np.ndarray, c: np.ndarray, start: np.ndarray | None = None
         p = np.concatenate([np.clip(p[:, :2], 0.7, 1.4), np.clip(p[:, 2:], -6.0, 6.0)], axis=1)
     # the turn, by its Jacobian column at the last iteration's warp (image gradients times the
     # lever arm about the centre), against the residual left
-    jt = (ty * _U[None, None, :] - tx * _U[None, :, None]).reshape(n, -1)
-    turn = (jt * r[..., 0]).sum(axis=1) / ((jt * jt).sum(axis=1) + PRIOR_NOISE / TURN_SD**2)
+    # (on images smoothed further, where a turn of a few degrees is still a small change)
+    jt = _COARSE @ (ty * _U[None, None, :] - tx * _U[None, :, None]) @ _COARSE.T
+    rc = _COARSE @ r.reshape(n, SIDE, SIDE) @ _COARSE.T
+    turn = (jt * rc).sum(axis=(1, 2)) / ((jt * jt).sum(axis=(1, 2)) + PRIOR_NOISE / TURN_SD**2)
     ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
     return p, ry @ c @ rxt, turn
 
@@ -215,14 +220,15 @@ def _turned(q: np.ndarray, c: np.ndarray, allow: np.ndarray) -> tuple[np.ndarray
 
 
 def _rotate(c: np.ndarray, turn: np.ndarray) -> np.ndarray:
-    """Images ``[N, 28, 28]`` turned by ``turn`` radians about the centre (bilinear, 0 outside)."""
-    from scipy.ndimage import map_coordinates
+    """Images ``[N, 28, 28]`` turned by ``turn`` radians about the centre (cubic splines, 0 outside)."""
+    from scipy.ndimage import affine_transform
 
-    cos, sin = np.cos(turn)[:, None, None], np.sin(turn)[:, None, None]
-    v, u = _U[None, :, None], _U[None, None, :]
-    ys, xs = cos * v + sin * u + _CENTRE, -sin * v + cos * u + _CENTRE
-    n = np.broadcast_to(np.arange(len(c))[:, None, None], ys.shape)
-    return map_coordinates(c, [n, ys, xs], order=1, mode="constant", cval=0.0).astype(np.float32)
+    out = np.empty(c.shape, np.float32)
+    centre = np.full(2, _CENTRE)
+    for i, t in enumerate(np.asarray(turn, np.float64)):
+        m = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])  # output (y, x) -> source (y, x)
+        out[i] = affine_transform(c[i], m, offset=centre - m @ centre, order=ROTATE_ORDER, mode="constant", cval=0.0)
+    return out
 
 
 def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
