@@ -136,11 +136,14 @@ class Searcher:
                 hits = self._recall(pixels, k, enc, vectors)
         return self._matches(hits, v)
 
-    def _checked(self, frames, keys, dist, version, width: int = verify.CANDIDATES, margin: float = 1.0):
+    def _checked(self, frames, keys, dist, version, width: int = verify.CANDIDATES, margin: float = 1.0,
+                 store_rule: bool = True):
         """Per query, its candidates that pass the version's duplicate check (its threshold times
         ``margin``), ``(key, distance)`` ordered by how well they explain the query
-        (:mod:`streamsim.verify`)."""
-        threshold = duplicate_rule(self.store, version) * margin
+        (:mod:`streamsim.verify`). ``store_rule``: the threshold calibrated on the store's own
+        images where there is one (:func:`duplicate_rule`), else the version's own."""
+        rule = duplicate_rule(self.store, version) if store_rule else version_threshold(self.store, version)
+        threshold = rule * margin
         rows = verify.check(frames, keys, dist, self._candidate_pixels, width, memo=self._checks)
         return [[(key, d) for key, d, _r, _e in verify.accepted(row, f, threshold)] for row, f in zip(rows, frames)]
 
@@ -169,7 +172,8 @@ class Searcher:
         p = self.policy
         codes = enc(pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), p.pool(k)))
-        firsts = self._checked(frames, keys, dist, version, p.similar_candidates, margin=p.similar_margin)
+        # (a ranking, not a promise: the version's own threshold, which a store's calibration only tightens)
+        firsts = self._checked(frames, keys, dist, version, p.similar_candidates, margin=p.similar_margin, store_rule=False)
         found = keys >= 0
         pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)  # the pool's unit codes (0 where absent)
         if found.any():
