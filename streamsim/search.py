@@ -111,7 +111,9 @@ class Searcher:
     def __init__(self, store, policy: SearchPolicy = DEFAULT_POLICY):
         self.store = store
         self.policy = policy
-        self._checks = weakref.WeakKeyDictionary()  # query frame -> pixel-check scores by image id (verify.check)
+        # query frame -> pixel-check scores by image id (verify.check): with turns (duplicate mode, dedup) and without
+        self._checks = weakref.WeakKeyDictionary()
+        self._flat_checks = weakref.WeakKeyDictionary()
 
     def search(self, pixels: np.ndarray, k: int, mode: str, frames: list[Frame] | None) -> list[list[Match]]:
         """``Match`` lists for normalised ``pixels`` ``uint8 [N, 28, 28]``; ``frames``: the queries'
@@ -137,14 +139,16 @@ class Searcher:
         return self._matches(hits, v)
 
     def _checked(self, frames, keys, dist, version, width: int = verify.CANDIDATES, margin: float = 1.0,
-                 store_rule: bool = True):
+                 promise: bool = True):
         """Per query, its candidates that pass the version's duplicate check (its threshold times
         ``margin``), ``(key, distance)`` ordered by how well they explain the query
-        (:mod:`streamsim.verify`). ``store_rule``: the threshold calibrated on the store's own
-        images where there is one (:func:`duplicate_rule`), else the version's own."""
-        rule = duplicate_rule(self.store, version) if store_rule else version_threshold(self.store, version)
+        (:mod:`streamsim.verify`). ``promise``: the check ``duplicate`` mode promises — turned
+        copies tried, the threshold calibrated on the store's own images where there is one
+        (:func:`duplicate_rule`); else (a ranking) the version's own threshold, no turns."""
+        rule = duplicate_rule(self.store, version) if promise else version_threshold(self.store, version)
         threshold = rule * margin
-        rows = verify.check(frames, keys, dist, self._candidate_pixels, width, memo=self._checks)
+        rows = verify.check(frames, keys, dist, self._candidate_pixels, width,
+                            memo=self._checks if promise else self._flat_checks, turns=promise)
         return [[(key, d) for key, d, _r, _e in verify.accepted(row, f, threshold)] for row, f in zip(rows, frames)]
 
     def _candidate_pixels(self, ids: list[int]) -> np.ndarray:
@@ -172,8 +176,9 @@ class Searcher:
         p = self.policy
         codes = enc(pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), p.pool(k)))
-        # (a ranking, not a promise: the version's own threshold, which a store's calibration only tightens)
-        firsts = self._checked(frames, keys, dist, version, p.similar_candidates, margin=p.similar_margin, store_rule=False)
+        # (a ranking, not a promise: the version's own threshold, which a store's calibration only
+        # tightens, and no turns, which cost time and do not change what comes first)
+        firsts = self._checked(frames, keys, dist, version, p.similar_candidates, margin=p.similar_margin, promise=False)
         found = keys >= 0
         pooled = np.zeros((*keys.shape, codes.shape[1]), np.float32)  # the pool's unit codes (0 where absent)
         if found.any():

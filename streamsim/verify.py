@@ -231,10 +231,10 @@ def _rotate(c: np.ndarray, turn: np.ndarray) -> np.ndarray:
     return out
 
 
-def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
+def _scores(q, sigma, lo, hi, rate, ink, c, turns: bool = True) -> tuple[np.ndarray, np.ndarray]:
     # a heavily noisy query is not tried turned: under its noise a turn fits another writer's
     # character about as often as it straightens a copy
-    penalty, w = _turned(q, c, sigma[:, 0, 0] < TURN_NOISE)
+    penalty, w = _turned(q, c, (sigma[:, 0, 0] < TURN_NOISE) & turns)
     resid = ((q - w) ** 2).sum(axis=(1, 2))
     stray = rate * ((hi - w) ** 2 + (lo - w) ** 2)  # a stray pixel replaces the value with lo or hi
     expected = stray.sum(axis=(1, 2))
@@ -248,9 +248,10 @@ def _scores(q, sigma, lo, hi, rate, ink, c) -> tuple[np.ndarray, np.ndarray]:
     return resid + penalty, (resid - expected) / energy
 
 
-def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def scores(frames: list[Frame], candidates: np.ndarray, turns: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """``(residual, excess)`` for each query frame and its candidate (uint8 pixels or 0..1 floats
-    ``[N, 28, 28]``), pairwise. See the module docstring."""
+    ``[N, 28, 28]``), pairwise. See the module docstring. ``turns``: try a small rotation too (for
+    queries without heavy paper noise)."""
     n = len(frames)
     if n == 0:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -262,7 +263,7 @@ def scores(frames: list[Frame], candidates: np.ndarray) -> tuple[np.ndarray, np.
     args = (q, col("sigma"), col("lo"), col("hi"), col("impulses"), ink, c)
     workers = _workers()
     step = min(CHUNK, max(MIN_SPLIT, -(-n // workers)))
-    run = lambda start: _scores(*(a[start : start + step] for a in args))  # noqa: E731
+    run = lambda start: _scores(*(a[start : start + step] for a in args), turns=turns)  # noqa: E731
     starts = range(0, n, step)
     done = [run(starts[0])] if len(starts) == 1 else list(_pool().map(run, starts))
     return np.concatenate([r for r, _ in done]), np.concatenate([e for _, e in done])
@@ -325,7 +326,7 @@ def checked(keys: np.ndarray, dist: np.ndarray, width: int = CANDIDATES, noisy=N
 
 
 def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, width: int = CANDIDATES,
-          memo=None) -> list[list[tuple[int, float, float, float]]]:
+          memo=None, turns: bool = True) -> list[list[tuple[int, float, float, float]]]:
     """Check each query's candidates: per row, ``(key, code distance, residual, excess)`` for the
     columns :func:`checked` picks (a noisy frame's wider). ``pixels_of(ids)`` returns stored
     pixels in the order asked; ``keys`` should have :func:`search_width` columns.
@@ -333,7 +334,8 @@ def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, wi
     ``memo`` (a :class:`weakref.WeakKeyDictionary`, optional): ``{frame: {key: (residual,
     excess)}}`` of pairs already scored — a frame checked again (the same query in another mode)
     is only scored against candidates it has not met; new scores are added. Valid because a
-    stored image's pixels never change."""
+    stored image's pixels never change. ``turns``: passed to :func:`scores` (a memo holds scores
+    of one kind)."""
     cols = checked(keys, dist, width, [f.sigma > 0 for f in frames])
     known = [memo.setdefault(f, {}) if memo is not None else {} for f in frames]
     keyed = np.asarray(keys).tolist()  # Python ints
@@ -342,7 +344,7 @@ def check(frames: list[Frame], keys: np.ndarray, dist: np.ndarray, pixels_of, wi
         wanted = sorted({keyed[i][j] for i, j in pairs})
         where = {key: n for n, key in enumerate(wanted)}
         stored = pixels_of(wanted)
-        r, e = scores([frames[i] for i, _ in pairs], stored[[where[keyed[i][j]] for i, j in pairs]])
+        r, e = scores([frames[i] for i, _ in pairs], stored[[where[keyed[i][j]] for i, j in pairs]], turns)
         for (i, j), ri, ei in zip(pairs, r.tolist(), e.tolist()):
             known[i][keyed[i][j]] = (ri, ei)
     return [[(keyed[i][j], float(dist[i, j]), *known[i][keyed[i][j]]) for j in row] for i, row in enumerate(cols)]
