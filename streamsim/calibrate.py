@@ -192,22 +192,47 @@ def calibrate_store(store, *, version: int | None = None, seed: int = 0) -> dict
 
 
 AUTO_CALIBRATION = 1000  # stored images from which a store calibrates its active version by itself ...
-AUTO_GROWTH = 2.0  # ... and again each time it has grown this many times since
+AUTO_GROWTH = 2.0  # ... and again each time it has grown this many times since, until its pool is full
 
 
-def auto_calibrate(store) -> dict[str, Any] | None:
-    """Calibrate the active version on the store's own images (:func:`calibrate_store`) when the
-    store is big enough to say what a distinct image looks like here — at least
-    :data:`AUTO_CALIBRATION` images — and the version was not calibrated on it yet, or on fewer
-    than 1 / :data:`AUTO_GROWTH` of the images it holds now. Called after every ingest; returns
-    the record when it calibrated, else None. A store too small is left on the version's own
-    threshold (calibrated on its training data)."""
+def calibration_due(store) -> bool:
+    """Whether the active version should be calibrated on the store's own images now: the store
+    holds at least :data:`AUTO_CALIBRATION` images, and the version was not calibrated on it yet —
+    or was, on fewer than 1 / :data:`AUTO_GROWTH` of the images it holds now and on fewer than a
+    full :data:`POOL` (beyond which a calibration measures the same thing again)."""
     n = store.catalog.count_images()
     if n < AUTO_CALIBRATION:
-        return None
+        return False
     from .search import store_calibration
 
     own = store_calibration(store, store.active_version)
-    if own is not None and n < AUTO_GROWTH * int(own.get("images", 0)):
+    if own is None:
+        return True
+    had = int(own.get("images", 0))
+    return had < POOL and n >= AUTO_GROWTH * had
+
+
+def auto_calibrate(store):
+    """Start calibrating the active version on the store's own images (:func:`calibrate_store`)
+    in a background thread when :func:`calibration_due` — ingest goes on meanwhile, and searches
+    use the rule in force until the new one is recorded. Called after every ingest. Returns the
+    thread calibrating now (this one or one already running), or None. A store too small is left
+    on the version's own threshold (calibrated on its training data)."""
+    import threading
+
+    running = getattr(store, "calibrating", None)
+    if running is not None and running.is_alive():
+        return running
+    if not calibration_due(store):
         return None
-    return calibrate_store(store)
+    version = store.active_version
+
+    def run() -> None:
+        try:
+            calibrate_store(store, version=version)
+        except Exception as e:  # noqa: BLE001 - a failed calibration leaves the rule in force; say why
+            store.catalog.add_event("calibration_failed", version=version, detail={"reason": f"{type(e).__name__}: {e}"})
+
+    store.calibrating = threading.Thread(target=run, name="streamsim-calibrate", daemon=True)
+    store.calibrating.start()
+    return store.calibrating

@@ -318,6 +318,7 @@ def evaluate(data_images: np.ndarray, labels: np.ndarray, *, queries: int = 1000
             pos = np.full(int(ids.max()) + 1, -1, np.int64)
             pos[ids] = np.arange(len(ids))
             say("built the store")
+            index.wait_for_calibration()  # a store of 1,000 or more calibrates itself
             if calibrate_store:
                 index.calibrate_duplicates(seed=seed)
             methods["streamsim"] = _measure_index(index, pos, conditions, (nd_px, nd_fr), lab_s, q_lab, q_own, relevant,

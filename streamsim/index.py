@@ -80,7 +80,8 @@ class Index:
         return cls(store, policy)
 
     def close(self) -> None:
-        """Write pending vectors and close the catalog."""
+        """Let a calibration in progress finish, write pending vectors and close the catalog."""
+        self.wait_for_calibration()
         self._store.close()
 
     def __enter__(self) -> "Index":
@@ -287,11 +288,19 @@ class Index:
 
     def _calibrate_when_grown(self) -> None:
         """The duplicate rule follows the store: calibrated on its own images once it holds enough,
-        and again as it grows (:func:`streamsim.calibrate.auto_calibrate`)."""
+        and again as it grows, in the background (:func:`streamsim.calibrate.auto_calibrate`)."""
         from .calibrate import auto_calibrate
 
-        with self._store.lock:
-            auto_calibrate(self._store)
+        auto_calibrate(self._store)
+
+    def wait_for_calibration(self, timeout: float | None = None) -> dict[str, Any] | None:
+        """Wait until a calibration of the duplicate rule on this store's own images, started by
+        itself in the background after an ingest, has finished (``close`` waits too); returns what
+        is recorded for the active version (:meth:`store_calibration`)."""
+        running = getattr(self._store, "calibrating", None)
+        if running is not None:
+            running.join(timeout)
+        return self.store_calibration()
 
     def remove(self, image_id: int) -> bool:
         """Delete an image (its pixels, paths and vectors). Returns False if there was none."""

@@ -190,6 +190,7 @@ class Store:
         self.root = Path(root)
         self.catalog = catalog
         self.lock = threading.RLock()
+        self.calibrating: threading.Thread | None = None  # calibrate.auto_calibrate's background thread
         self._encoders: dict[int, Any] = {}
         self._metas: dict[int, dict] = {}
         self._normalisers: dict[int, Any] = {}

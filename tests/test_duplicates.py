@@ -133,12 +133,12 @@ def test_a_store_calibrates_itself_once_big_enough_and_again_when_it_doubles(dig
         index.add_many(x[:99])
         assert index.store_calibration() is None  # too small: the version's own threshold
         index.add(x[99])
-        first = index.store_calibration()
+        first = index.wait_for_calibration()
         assert first is not None and first["images"] == 100
         assert index.duplicate_rule() == first["threshold"]
         index.add_many(x[100:199])
-        assert index.store_calibration()["created"] == first["created"]  # not grown twice yet
+        assert index.wait_for_calibration()["created"] == first["created"]  # not grown twice yet
         index.ingest(x[199:200])
-        again = index.store_calibration()
+        again = index.wait_for_calibration()
         assert again["images"] == 200 and again["created"] > first["created"]
         assert [e["kind"] for e in index.catalog.events()].count("calibrated") == 2
