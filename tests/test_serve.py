@@ -230,8 +230,9 @@ def test_uploads_over_the_cap_are_refused(tmp_path, digits):
         conn.putheader("Content-Type", "multipart/form-data; boundary=x")
         conn.putheader("Transfer-Encoding", "chunked")
         conn.endheaders()
+        body = b'--x\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n' + big  # well formed as far as it goes
         try:
-            for chunk in (big[:3000], big[3000:]):
+            for chunk in (body[:3000], body[3000:]):
                 conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             conn.send(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
