@@ -110,7 +110,7 @@ class _Pending:
     by_event: bool = False  # seen through an OS event (else only by a scan)
     writing: bool = False  # opened or modified, not closed since
     modified: bool = False  # modified since it was last opened
-    closed: bool = False  # closed after writing, or renamed into place
+    closed: bool = False  # closed after writing, renamed into place, or quiet for as long as it had to be
     inflight: bool = False  # taken: in a batch being decoded or stored
 
 
@@ -210,8 +210,16 @@ class Watcher:
                 elif not event.is_directory and event.event_type in kinds:
                     events.put((event.event_type, event.src_path))
 
+        import watchdog.events
+
+        # only the events read above (no directory-modified, attribute or delete events: fewer for
+        # the kernel to queue and for watchdog's threads to turn into objects, per file)
+        wanted_events = [getattr(watchdog.events, name) for name in (
+            "FileCreatedEvent", "FileModifiedEvent", "FileOpenedEvent", "FileClosedEvent", "FileClosedNoWriteEvent",
+            "FileMovedEvent", "DirMovedEvent") if hasattr(watchdog.events, name)]
         self._observer = Observer()
-        self._observer.schedule(Handler(), str(self.config.folder), recursive=self.config.recursive)
+        self._observer.schedule(Handler(), str(self.config.folder), recursive=self.config.recursive,
+                                event_filter=wanted_events)
         self._observer.daemon = True
         self._observer.start()
 
@@ -342,6 +350,7 @@ class Watcher:
                 p.stat, p.stable_since, p.closed = st, now, False
                 next_due = min(next_due, now + wait)
             else:
+                p.closed = True  # complete: not looked at again until an event or a read says it changed
                 out.append((path, st[0], st[1]))
         self._next_due = next_due
         out.sort(key=lambda f: (f[2], os.path.basename(f[0]), f[0]))
