@@ -513,9 +513,10 @@ class Watcher:
                            "time": time.time()})
             while not stop.is_set():
                 # with batches in flight, only look at the events that came; else wait for one,
-                # or until a pending file is due
+                # or until a pending file is due (and a failed step may be retried)
                 idle = IDLE_WAIT if not self._inflight else 0.0
-                self._drain_events(timeout=min(idle, max(0.0, self._next_due - time.monotonic())))
+                wake = max(self._next_due, self._retry_at)
+                self._drain_events(timeout=min(idle, max(0.0, wake - time.monotonic())))
                 now = time.monotonic()
                 if now - last_scan >= self.config.rescan:
                     self.scan()
