@@ -186,38 +186,44 @@ class Catalog:
         import numpy as np
 
         now = time.time()
-        out: list[Stored] = []
         journal = journal or [None] * len(records)
         scores = scores or [None] * len(records)
+        pixels = []
+        for _, px, _ in records:
+            px = np.ascontiguousarray(px, np.uint8)
+            if px.shape != PIXELS_SHAPE:
+                raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
+            pixels.append(px)
+        out: list[Stored] = []
+        score_rows, path_rows, journal_rows = [], [], []
         with self.transaction() as db:
-            for (digest, pixels, path), stat, score in zip(records, journal, scores):
-                px = np.ascontiguousarray(pixels, np.uint8)
-                if px.shape != PIXELS_SHAPE:
-                    raise ValueError(f"pixels must be uint8 [28, 28], got {px.shape}")
-                row = db.execute("SELECT id FROM images WHERE digest = ?", (digest,)).fetchone()
-                if row is not None:
-                    image_id, new = int(row[0]), False
-                else:
-                    cur = db.execute(
+            # the batch's digests already stored: one query per chunk, not one per image
+            digests = list({r[0] for r in records})
+            known = {}
+            for start in range(0, len(digests), IN_CHUNK):
+                chunk = digests[start : start + IN_CHUNK]
+                known.update(db.execute(f"SELECT digest, id FROM images WHERE digest IN ({','.join('?' * len(chunk))})",
+                                        chunk).fetchall())
+            for (digest, _, path), px, stat, score in zip(records, pixels, journal, scores):
+                image_id = known.get(digest)
+                new = image_id is None
+                if new:
+                    image_id = known[digest] = int(db.execute(
                         "INSERT INTO images(digest, pixel_digest, pixels, path, added) VALUES(?, ?, ?, ?, ?)",
-                        (digest, pixel_digest(px), px.tobytes(), path, now),
-                    )
-                    image_id, new = int(cur.lastrowid), True
+                        (digest, pixel_digest(px), px.tobytes(), path, now)).lastrowid)
                     if score is not None:
-                        db.execute("INSERT INTO scores(image_id, version, error, score) VALUES(?, ?, ?, ?)",
-                                   (image_id, int(score[0]), float(score[1]), float(score[2])))
+                        score_rows.append((image_id, int(score[0]), float(score[1]), float(score[2])))
                 if path is not None:
-                    db.execute(
-                        "INSERT OR IGNORE INTO paths(image_id, path, added) VALUES(?, ?, ?)", (image_id, path, now)
-                    )
-                    db.execute("DELETE FROM failures WHERE path = ?", (path,))
+                    path_rows.append((image_id, path, now))
                     if stat is not None:
-                        db.execute(
-                            "INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
-                            "VALUES(?, ?, ?, ?, ?, ?, NULL, ?)",
-                            (path, int(stat[0]), int(stat[1]), digest, "stored" if new else "duplicate", image_id, now),
-                        )
-                out.append(Stored(image_id, new))
+                        journal_rows.append((path, int(stat[0]), int(stat[1]), digest,
+                                             "stored" if new else "duplicate", image_id, now))
+                out.append(Stored(int(image_id), new))
+            db.executemany("INSERT INTO scores(image_id, version, error, score) VALUES(?, ?, ?, ?)", score_rows)
+            db.executemany("INSERT OR IGNORE INTO paths(image_id, path, added) VALUES(?, ?, ?)", path_rows)
+            db.executemany("DELETE FROM failures WHERE path = ?", [(r[1],) for r in path_rows])
+            db.executemany("INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
+                           "VALUES(?, ?, ?, ?, ?, ?, NULL, ?)", journal_rows)
         return out
 
     def journal(self) -> dict[str, tuple[int, int]]:
@@ -365,19 +371,23 @@ class Catalog:
     def record_failure(self, path: str, reason: str, *, stat: tuple[int, int] | None = None,
                        digest: str | None = None) -> None:
         """Record that ``path`` could not be stored; with ``stat`` (size, mtime_ns) journal it too."""
+        self.record_failures([(path, reason, stat, digest)])
+
+    def record_failures(self, failures: list[tuple[str, str, tuple[int, int] | None, str | None]]) -> None:
+        """:meth:`record_failure` for many files, ``(path, reason, stat, digest)``, in one transaction."""
         now = time.time()
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO failures(path, reason, time) VALUES(?, ?, ?) "
                 "ON CONFLICT(path) DO UPDATE SET reason = excluded.reason, time = excluded.time",
-                (path, reason, now),
+                [(path, reason, now) for path, reason, _, _ in failures],
             )
-            if stat is not None:
-                db.execute(
-                    "INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
-                    "VALUES(?, ?, ?, ?, 'failed', NULL, ?, ?)",
-                    (path, int(stat[0]), int(stat[1]), digest, reason, now),
-                )
+            db.executemany(
+                "INSERT OR REPLACE INTO journal(path, size, mtime_ns, digest, outcome, image_id, reason, time) "
+                "VALUES(?, ?, ?, ?, 'failed', NULL, ?, ?)",
+                [(path, int(stat[0]), int(stat[1]), digest, reason, now)
+                 for path, reason, stat, digest in failures if stat is not None],
+            )
 
     def failures(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT path, reason, time FROM failures ORDER BY time, path")]

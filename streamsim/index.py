@@ -268,16 +268,21 @@ class Index:
         self._calibrate_when_grown()
         return IngestReport(added, dups, failed)
 
-    def ingest_files(self, files: Sequence[tuple[str, int, int]], *, decoder: Decoder | None = None) -> list[FileOutcome]:
+    def ingest_files(self, files: Sequence[tuple[str, int, int]], *, decoder: Decoder | None = None,
+                     decoded: Iterable[tuple[str, Any]] | None = None) -> list[FileOutcome]:
         """Ingest files seen as ``(path, size, mtime_ns)``, journalling each outcome in the catalog.
 
         A file whose size or mtime changed while it was read is not stored (outcome ``"busy"``)
         and should be offered again once it is complete. Failures are journalled with the stat
         they had, so the same unchanged file is not retried. ``decoder``: the
-        :class:`~streamsim.workers.Decoder` to read with (its worker processes), else one for the call.
+        :class:`~streamsim.workers.Decoder` to read with (its worker processes), else one for the call;
+        ``decoded``: the files' ``(path, Loaded | ImageError)``, in order, read already (a
+        :class:`~streamsim.workers.Decoding` the caller started while it stored the batch before).
         """
         stats = {str(f[0]): (int(f[1]), int(f[2])) for f in files}
-        if decoder is None:
+        if decoded is not None:
+            results = list(decoded)
+        elif decoder is None:
             with Decoder() as own:
                 results = list(own.load([str(f[0]) for f in files]))
         else:

@@ -115,6 +115,7 @@ def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tu
     errors computed elsewhere, one row per result."""
     out: list[FileOutcome] = []
     to_store: list[tuple[int, images.Loaded, tuple[int, int] | None]] = []
+    failures: list[tuple[str, str, tuple[int, int] | None, None]] = []
     for path, result in results:
         path = str(path)
         now = file_stat(path)
@@ -123,12 +124,14 @@ def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tu
         elif seen is not None and now != seen[path]:
             out.append(FileOutcome(path, "busy", None, None))  # still being written
         elif isinstance(result, images.ImageError):
-            store.catalog.record_failure(path, result.reason, stat=now)
+            failures.append((path, result.reason, now, None))
             out.append(FileOutcome(path, "failed", None, result.reason))
         else:
             # journal and first path under the name it was seen by (a symlink stays a symlink)
-            to_store.append((len(out), dataclasses.replace(result, path=path), now))
+            to_store.append((len(out), result if result.path == path else dataclasses.replace(result, path=path), now))
             out.append(FileOutcome(path, "pending", None, None))
+    if failures:
+        store.catalog.record_failures(failures)  # the batch's failures in one transaction
     if to_store:
         done = store_images(store, [x for _, x, _ in to_store], journal=[st for _, _, st in to_store],
                             encoded=None if encoded is None else encoded.rows([i for i, _, _ in to_store]))

@@ -114,10 +114,11 @@ class Stream:
         outcomes = self.index.ingest(images_)
         return self._observe(outcomes, [outcome_event(o) for o in outcomes])
 
-    def feed_files(self, files, *, decoder=None) -> tuple[list, list[dict[str, Any]]]:
+    def feed_files(self, files, *, decoder=None, decoded=None) -> tuple[list, list[dict[str, Any]]]:
         """Store files seen as ``(path, size, mtime_ns)`` (:meth:`Index.ingest_files`, for producers
-        that track files: the watcher); returns their outcomes and the ``drift`` events they raised."""
-        outcomes = self.index.ingest_files(files, decoder=decoder)
+        that track files: the watcher, which passes them ``decoded`` already); returns their outcomes
+        and the ``drift`` events they raised."""
+        outcomes = self.index.ingest_files(files, decoder=decoder, decoded=decoded)
         return outcomes, self._observe(outcomes, [])
 
     def observe(self, outcomes) -> list[dict[str, Any]]:

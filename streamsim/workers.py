@@ -28,6 +28,9 @@ from .defaults import DECODE_TIMEOUT
 PARALLEL_LOAD_MIN = 512  # files; below this, starting worker processes costs more than it saves
 POOL_BATCH_MIN = 16  # files; a smaller batch is decoded here even when a pool is running
 MAX_WORKERS = 8
+# a 1×1 grey PNG: what a new worker decodes once to warm up (its codec imported, its caches filled)
+_TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b550000000a49444154"
+                          "789c636000000002000148afa4710000000049454e44ae426082")
 CRASHED = "the decoder crashed on this file (its worker process died)"
 TIMED_OUT = "took longer than {seconds:g} s to decode"
 
@@ -98,9 +101,14 @@ def workers_allowed() -> bool:
         return False
 
 
-def _exit_with_parent(parent: int, nice: int = 0) -> None:
+def _exit_with_parent(parent: int, nice: int = 0, loader: Callable | None = None) -> None:
     """In a worker: exit as soon as the process that started it is gone (even SIGKILLed), so
-    that no orphaned worker outlives a crashed watcher; run ``nice`` lower in priority."""
+    that no orphaned worker outlives a crashed watcher; run ``nice`` lower in priority. ``loader``
+    (unpickled here, which imports its module) is warmed up on a tiny image when it is the usual
+    one, so that the first batch of files does not wait for imports."""
+    if loader is load_or_error:
+        loader(_TINY_PNG, None)
+        import scipy.ndimage  # noqa: F401 - what normalising a grainy or speckled scan needs, imported now
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     if nice:
         with contextlib.suppress(OSError):
@@ -114,15 +122,15 @@ def _exit_with_parent(parent: int, nice: int = 0) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def process_pool(workers: int | None = None, *, nice: int = 0):
-    """Spawned worker processes that exit with this one (``nice``: that much lower in priority);
-    start them only where :func:`workers_allowed`."""
+def process_pool(workers: int | None = None, *, nice: int = 0, loader: Callable | None = None):
+    """Spawned worker processes that exit with this one (``nice``: that much lower in priority),
+    each with ``loader``'s module imported; start them only where :func:`workers_allowed`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     workers = workers or min(os.cpu_count() or 1, MAX_WORKERS)
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_exit_with_parent, initargs=(os.getpid(), nice))
+                               initializer=_exit_with_parent, initargs=(os.getpid(), nice, loader))
 
 
 def kill_pool(pool) -> None:
@@ -158,8 +166,7 @@ class Decoder:
         self._pool = None
         self.crashes = 0  # worker deaths and stuck workers killed, for reports
         if processes and self._allowed:
-            self._pool = process_pool(self.workers)
-            self._pool.submit(int)  # start the workers now, so the first batch does not wait for them
+            self.start()
 
     def __enter__(self) -> "Decoder":
         return self
@@ -170,7 +177,9 @@ class Decoder:
     def start(self) -> None:
         """Start the worker processes now (where allowed), for a bulk of files to come."""
         if self._allowed and self._pool is None:
-            self._pool = process_pool(self.workers)
+            self._pool = process_pool(self.workers, loader=self.loader)
+            for _ in range(self.workers):  # a spawned pool starts a worker per task that finds none idle
+                self._pool.submit(int)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -178,38 +187,41 @@ class Decoder:
             self._pool = None
 
     def load(self, files: Iterable) -> Iterator[tuple]:
+        yield from self.submit(files)
+
+    def submit(self, files: Iterable) -> "Decoding":
+        """Start decoding ``files`` and return at once: the :class:`Decoding` yields
+        ``(file, result)`` in order. Workers decode it while the caller does other work (stores the
+        batch before); a batch too small for the workers is decoded when it is read."""
         files = list(files)
         if self._allowed and (len(files) >= PARALLEL_LOAD_MIN or (self._pool is not None and len(files) >= POOL_BATCH_MIN)):
-            yield from self._pooled(files)
-        else:
-            for f in files:
-                yield f, self.loader(f, self.timeout)
+            if self._pool is None:
+                self._pool = process_pool(self.workers, loader=self.loader)
+            size = max(1, min(64, -(-len(files) // (4 * self.workers))))
+            chunks = [files[i : i + size] for i in range(0, len(files), size)]
+            pool = self._pool
+            return Decoding(self, chunks, pool, [pool.submit(_load_chunk, self.loader, c, self.timeout) for c in chunks])
+        return Decoding(self, [files], None, None)
 
     def _wait(self, chunk_len: int) -> float | None:
         return None if self.timeout is None else self.timeout * chunk_len + self.grace
 
-    def _pooled(self, files: list) -> Iterator[tuple]:
+    def _results(self, chunk: list, pool, future) -> list:
+        """One chunk's results: its future's, or — where a worker died or hangs — each file's
+        again in fresh workers."""
         from concurrent.futures import TimeoutError as FutureTimeout
         from concurrent.futures.process import BrokenProcessPool
 
-        if self._pool is None:
-            self._pool = process_pool(self.workers)
-        size = max(1, min(64, -(-len(files) // (4 * self.workers))))
-        chunks = [files[i : i + size] for i in range(0, len(files), size)]
-        pool = self._pool
-        futures = [pool.submit(_load_chunk, self.loader, c, self.timeout) for c in chunks]
-        for chunk, fut in zip(chunks, futures):
-            try:
-                results = fut.result(timeout=self._wait(len(chunk)))
-            except (BrokenProcessPool, FutureTimeout, RuntimeError):
-                # a worker died or hangs: the pool is gone; this batch (and every later one of the
-                # call, whose futures fail the same way) is retried one file at a time
-                if self._pool is pool:
-                    self.crashes += 1
-                    kill_pool(pool)
-                    self._pool = None
-                results = self._one_by_one(chunk)
-            yield from zip(chunk, results)
+        try:
+            return future.result(timeout=self._wait(len(chunk)))
+        except (BrokenProcessPool, FutureTimeout, RuntimeError):
+            # a worker died or hangs: the pool is gone; this chunk (and every later one submitted
+            # to it, whose futures fail the same way) is retried one file at a time
+            if self._pool is pool:
+                self.crashes += 1
+                kill_pool(pool)
+                self._pool = None
+            return self._one_by_one(chunk)
 
     def _one_by_one(self, chunk: list) -> list:
         from concurrent.futures import TimeoutError as FutureTimeout
@@ -218,7 +230,7 @@ class Decoder:
         out = []
         for f in chunk:
             if self._pool is None:
-                self._pool = process_pool(self.workers)
+                self._pool = process_pool(self.workers, loader=self.loader)
             try:
                 out.append(self._pool.submit(_load_chunk, self.loader, [f], self.timeout).result(
                     timeout=self._wait(1))[0])
@@ -232,3 +244,37 @@ class Decoder:
             self._pool = None
             out.append(images.ImageError(str(f), reason))
         return out
+
+
+class Decoding:
+    """Files being decoded by a :class:`Decoder` (:meth:`Decoder.submit`): iterating yields
+    ``(file, Loaded | ImageError)`` in the files' order, waiting for each chunk as needed."""
+
+    def __init__(self, decoder: Decoder, chunks: list[list], pool, futures: list | None):
+        self._decoder, self._chunks, self._pool, self._futures = decoder, chunks, pool, futures
+
+    def done(self) -> bool:
+        """Whether every file is decoded (reading the results then waits for nothing)."""
+        return self._futures is None or all(f.done() for f in self._futures)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :meth:`done`."""
+        if self._futures is not None:
+            from concurrent.futures import wait
+
+            wait(self._futures, timeout=timeout)
+        return self.done()
+
+    def cancel(self) -> None:
+        """Drop the files not yet decoded (what is running finishes in its worker, unread)."""
+        for f in self._futures or ():
+            f.cancel()
+
+    def __iter__(self) -> Iterator[tuple]:
+        decoder = self._decoder
+        if self._futures is None:  # decoded here, one file at a time as they are read
+            for f in self._chunks[0]:
+                yield f, decoder.loader(f, decoder.timeout)
+            return
+        for chunk, future in zip(self._chunks, self._futures):
+            yield from zip(chunk, decoder._results(chunk, self._pool, future))

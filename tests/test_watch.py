@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import EXE, WatchProcess, png_bytes, status
@@ -212,3 +213,41 @@ def test_the_journal_is_read_from_the_catalog_not_a_copy(watcher, digits):
     (inbox / "f2.png").write_bytes(png_bytes(digits[0][20]))  # changed since it was journalled
     w.offer(str(inbox / "f2.png"), "closed", time.monotonic())
     assert sorted(w._pending) == [str(inbox / "f1.png"), str(inbox / "f2.png")]
+
+
+def test_pipelined_batches_store_every_file_once_in_arrival_order(tmp_path, digits):
+    """Batches taken while earlier ones are still decoding (in worker processes) or being stored:
+    every file is stored, or failed, exactly once, in arrival order (mtime, then name — not the
+    names' order), and the catalog's ids follow that order."""
+    from streamsim.watch import POOL_MIN_BATCH, Watcher, WatchConfig
+
+    class Recording(Watcher):
+        most_in_flight = 0
+
+        def take(self, files):
+            super().take(files)
+            self.most_in_flight = max(self.most_in_flight, len(self._inflight))
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rng = np.random.default_rng(3)
+    contents = [png_bytes(img) for img in digits[0]] + [b"", png_bytes(digits[0][5])[:80]]
+    contents += [contents[17], contents[150]]  # the same bytes again, later: duplicates
+    names = [f"{n:04d}.png" for n in rng.permutation(len(contents))]
+    now = time.time()
+    for k, (name, data) in enumerate(zip(names, contents)):  # arrival order: k
+        (inbox / name).write_bytes(data)
+        os.utime(inbox / name, (now - 1000 + k, now - 1000 + k))
+    events = []
+    with Index.open(tmp_path / "store") as index:
+        w = Recording(index, WatchConfig(folder=inbox, settle=0.2, batch_files=POOL_MIN_BATCH, retrain=False), events.append)
+        w.run_once()
+        outcomes = [e for e in events if e["event"] in ("stored", "duplicate", "failed")]
+        assert [Path(e["path"]).name for e in outcomes] == names  # each once, in arrival order
+        assert [e["event"] for e in outcomes] == ["stored"] * 200 + ["failed"] * 2 + ["duplicate"] * 2
+        ids = [e["id"] for e in outcomes if e["event"] == "stored"]
+        assert ids == sorted(ids) and len(set(ids)) == 200
+        assert [e["id"] for e in outcomes[-2:]] == [ids[17], ids[150]]
+        assert w.most_in_flight >= 2  # the pipeline had batches decoding behind the one being stored
+        assert len(index) == 200 and index.catalog.journal_stats([str(inbox / n) for n in names]).keys() == {
+            str(inbox / n) for n in names}
