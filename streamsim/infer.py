@@ -12,7 +12,10 @@ architecture).
 :data:`NUMPY_MAX_ERRORS` (one file added) run in numpy; larger batches (ingest, re-encoding a store)
 go to the JAX encoder, built from the same arrays on first need: its compiled programs are faster
 on batches (the decoder's 256 → 784 layer and the error above all), and an accelerator serves
-them when there is one. Training needs the JAX model too: ``graphdef`` and ``state`` build it.
+them when there is one. A search's queries, however many (``Index.search_many``), are encoded in
+numpy all the same (:meth:`NumpyEncoder.query_codes`): a batch of searches never waits for JAX to
+load and compile, and each query gets the code it would get searched alone. Training needs the JAX
+model too: ``graphdef`` and ``state`` build it.
 
 Example:
     >>> rng = np.random.default_rng(0)
