@@ -12,7 +12,10 @@ architecture).
 :data:`NUMPY_MAX_ERRORS` (one file added) run in numpy; larger batches (ingest, re-encoding a store)
 go to the JAX encoder, built from the same arrays on first need: its compiled programs are faster
 on batches (the decoder's 256 → 784 layer and the error above all), and an accelerator serves
-them when there is one. Training needs the JAX model too: ``graphdef`` and ``state`` build it.
+them when there is one. A search's queries, however many (``Index.search_many``), are encoded in
+numpy all the same (:meth:`NumpyEncoder.query_codes`): a batch of searches never waits for JAX to
+load and compile, and each query gets the code it would get searched alone. Training needs the JAX
+model too: ``graphdef`` and ``state`` build it.
 
 Example:
     >>> rng = np.random.default_rng(0)
@@ -42,6 +45,7 @@ N_PIXELS = SIDE * SIDE
 # shares the cores).
 NUMPY_MAX_CODES = 16
 NUMPY_MAX_ERRORS = 2
+QUERY_CHUNK = 1024  # queries encoded at once by NumpyEncoder.query_codes
 DEFAULT_CONFIGS: dict[str, dict[str, int]] = {  # each architecture's config (streamsim.model builds with them)
     "dense": {"code_dim": 100},
     "mlp": {"code_dim": 64, "hidden": 256},
@@ -219,6 +223,15 @@ class NumpyEncoder:
             return self.jax_encoder()(pixels)
         z = self.model.encode(x.astype(np.float32) / np.float32(255)).astype(np.float32)
         return z[0] if single else z
+
+    def query_codes(self, pixels: np.ndarray) -> np.ndarray:
+        """Codes ``float32 [N, dim]`` of a search's queries, however many, in numpy (in chunks of
+        :data:`QUERY_CHUNK`): a batch of queries never waits for JAX to load and compile, and
+        gets the codes each query would get searched alone."""
+        x, _ = self._pixels(pixels)
+        if len(x) <= QUERY_CHUNK:
+            return self.model.encode(x.astype(np.float32) / np.float32(255)).astype(np.float32)
+        return np.concatenate([self.query_codes(x[s : s + QUERY_CHUNK]) for s in range(0, len(x), QUERY_CHUNK)])
 
     def _both(self, pixels: np.ndarray):
         x, single = self._pixels(pixels)

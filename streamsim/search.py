@@ -77,6 +77,12 @@ def unit(v: np.ndarray) -> np.ndarray:
     return v / (np.linalg.norm(v, axis=-1, keepdims=True) + 1e-12)
 
 
+def query_codes(enc, pixels: np.ndarray) -> np.ndarray:
+    """Codes of a search's queries ``uint8 [N, 28, 28]``: in numpy however many there are
+    (:meth:`streamsim.infer.NumpyEncoder.query_codes`), else by ``enc`` itself."""
+    return enc.query_codes(pixels) if hasattr(enc, "query_codes") else enc(pixels)
+
+
 def duplicate_rule(store, version: int | None = None) -> float:
     """The duplicate threshold of ``version`` (default: the active one): a stored image among a
     query's nearest by code is a near-duplicate when its pixels, registered onto the query, leave
@@ -174,7 +180,7 @@ class Searcher:
         as the average of the two (:func:`with_copies`). One code search; distances are between the
         query's own code and the match's."""
         p = self.policy
-        codes = enc(pixels)
+        codes = query_codes(enc, pixels)
         keys, dist = vectors.search(codes, max(verify.search_width(frames, max(k, verify.CANDIDATES)), p.pool(k)))
         # (a ranking, not a promise: the version's own threshold, which a store's calibration only
         # tightens, and no turns, which cost time and do not change what comes first)
@@ -201,7 +207,7 @@ class Searcher:
         """Identical pixels first (distance 0), then stored images that pass the version's
         duplicate check (:func:`duplicate_rule`), best explained first."""
         width = max(k, verify.CANDIDATES)
-        keys, dist = vectors.search(enc(pixels), verify.search_width(frames, width))
+        keys, dist = vectors.search(query_codes(enc, pixels), verify.search_width(frames, width))
         out = []
         for px, row in zip(pixels, self._checked(frames, keys, dist, version, width)):
             exact = self.store.catalog.find_pixels(px)
@@ -217,7 +223,7 @@ class Searcher:
         candidate's distance is the smallest any of them gives it."""
         variants = query_variants(pixels)  # [V, N, 28, 28]
         n_var, n = variants.shape[0], len(pixels)
-        codes = enc(variants.reshape(-1, *PIXELS_SHAPE)).reshape(n_var, n, -1)
+        codes = query_codes(enc, variants.reshape(-1, *PIXELS_SHAPE)).reshape(n_var, n, -1)
         if len(vectors):
             codes = np.concatenate([codes, expand(codes[0], vectors, self.policy.recall_expand)[None]])
         keys, dist = vectors.search(codes.reshape(-1, codes.shape[-1]), k * self.policy.recall_pool)

@@ -71,6 +71,7 @@ _COARSE = _blur_matrix(TURN_SMOOTH)
 INK_LEVEL = 0.02  # where the registered candidate, smoothed by σ 1 px, exceeds this: near its ink
 MIN_BACKGROUND = 50  # pixels, to re-measure the query's noise on
 _LAMBDA = (PRIOR_NOISE / PRIOR_SD**2).astype(np.float32)
+_PRIOR_H = np.diag(_LAMBDA)[None]  # the prior's term of the normal equations
 _IDENTITY = np.array([1, 1, 0, 0], np.float32)
 CHUNK = 4096  # pairs computed at once (about 40 MB of intermediates)
 
@@ -79,8 +80,8 @@ def _interp(scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
     """Linear-interpolation matrices ``[N, 28, 28]``: output row i samples the source at
     ``scale × (i − centre) + shift + centre`` (0 outside) — each row's weights are the tent
     ``max(0, 1 − |position − column|)``."""
-    pos = scale[:, None] * _U[None] + shift[:, None] + _CENTRE  # [N, 28]
-    return np.maximum(np.float32(1) - np.abs(pos[:, :, None] - _COLUMNS), np.float32(0))
+    pos = scale[..., None] * _U + shift[..., None] + _CENTRE  # [N, 28] (or [N, axes, 28])
+    return np.maximum(np.float32(1) - np.abs(pos[..., None] - _COLUMNS), np.float32(0))
 
 
 def _difference_matrix() -> np.ndarray:
@@ -95,6 +96,13 @@ def _difference_matrix() -> np.ndarray:
 
 _COLUMNS = np.arange(SIDE, dtype=np.float32)
 _DIFF = _difference_matrix()
+_UY, _UX = _U[None, :, None], _U[None, None, :]  # the lever arms down the rows and along the columns
+
+
+def _warps(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(R_y, R_x.T)`` of :func:`_interp` for parameters ``p [N, 4]`` (both axes in one pass)."""
+    r = _interp(p[:, :2], p[:, 2:])  # [N, 2, 28, 28]
+    return r[:, 0], r[:, 1].transpose(0, 2, 1)
 
 
 def _register(q: np.ndarray, c: np.ndarray, start: np.ndarray | None = None
@@ -110,24 +118,29 @@ def _register(q: np.ndarray, c: np.ndarray, start: np.ndarray | None = None
     # image, d/dy, d/dx side by side, [N, 28, 3 × 28]: one product per pair warps the rows of all three
     both = np.concatenate([cs, _DIFF @ cs, cs @ _DIFF.T], axis=2)
     p = np.zeros((n, 4), np.float32) + _IDENTITY if start is None else start.astype(np.float32)
+    jac = np.empty((n, 4, SIDE, SIDE), np.float32)
     for _ in range(ITERATIONS):
-        ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
+        ry, rxt = _warps(p)
         rows = (ry @ both).reshape(n, SIDE, 3, SIDE).transpose(0, 2, 1, 3).reshape(n, 3 * SIDE, SIDE)
         w, ty, tx = (rows @ rxt).reshape(n, 3, SIDE, SIDE).transpose(1, 0, 2, 3)
         # the Jacobian's columns by (scale_y, scale_x, shift_y, shift_x), and its normal equations
-        jac = np.stack([ty * _U[None, :, None], tx * _U[None, None, :], ty, tx], axis=1).reshape(n, 4, -1)
+        np.multiply(ty, _UY, out=jac[:, 0])
+        np.multiply(tx, _UX, out=jac[:, 1])
+        jac[:, 2], jac[:, 3] = ty, tx
+        flat = jac.reshape(n, 4, -1)
         r = (qs - w).reshape(n, -1, 1)
-        h = jac @ jac.transpose(0, 2, 1) + np.diag(_LAMBDA)[None]
-        g = (jac @ r)[..., 0] - (p - _IDENTITY) * _LAMBDA
+        h = flat @ flat.transpose(0, 2, 1) + _PRIOR_H
+        g = (flat @ r)[..., 0] - (p - _IDENTITY) * _LAMBDA
         p = p + np.linalg.solve(h, g[..., None])[..., 0]
-        p = np.concatenate([np.clip(p[:, :2], 0.7, 1.4), np.clip(p[:, 2:], -6.0, 6.0)], axis=1)
+        np.clip(p[:, :2], 0.7, 1.4, out=p[:, :2])
+        np.clip(p[:, 2:], -6.0, 6.0, out=p[:, 2:])
     # the turn, by its Jacobian column at the last iteration's warp (image gradients times the
     # lever arm about the centre), against the residual left
     # (on images smoothed further, where a turn of a few degrees is still a small change)
-    jt = _COARSE @ (ty * _U[None, None, :] - tx * _U[None, :, None]) @ _COARSE.T
+    jt = _COARSE @ (ty * _UX - tx * _UY) @ _COARSE.T
     rc = _COARSE @ r.reshape(n, SIDE, SIDE) @ _COARSE.T
     turn = (jt * rc).sum(axis=(1, 2)) / ((jt * jt).sum(axis=(1, 2)) + PRIOR_NOISE / TURN_SD**2)
-    ry, rxt = _interp(p[:, 0], p[:, 2]), _interp(p[:, 1], p[:, 3]).transpose(0, 2, 1)
+    ry, rxt = _warps(p)
     return p, ry @ c @ rxt, turn
 
 

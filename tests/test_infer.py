@@ -109,3 +109,15 @@ def test_status_versions_events_and_search_import_no_jax(tmp_path, digit_files):
     seen, out = _imports(tmp_path, "search", str(digit_files[3]), "--store", str(store), "--json", "-k", "3")
     assert not any(seen[m] for m in HEAVY), seen
     assert json.loads(out)[0]["path"] == str(digit_files[3].resolve())
+
+
+def test_query_codes_are_numpy_codes_for_any_number_of_queries(digits, monkeypatch):
+    from streamsim import images
+
+    pixels = np.stack([images.normalise(x) for x in digits[0][:40]])
+    enc, _ = encoders.load_encoder(encoders.shipped_dir())
+    monkeypatch.setattr(infer, "QUERY_CHUNK", 16)  # 40 queries: three chunks
+    codes = enc.query_codes(pixels)
+    assert enc._jax is None  # a batch of queries never builds the JAX encoder
+    for s in range(0, 40, 16):
+        np.testing.assert_array_equal(codes[s : s + 16], enc(pixels[s : s + 16]))

@@ -204,3 +204,15 @@ def test_perturbations_are_seeded_and_keep_polarity(digits):
     assert normalise_all(shifted).shape == (4, 28, 28)
     with pytest.raises(ValueError, match="unknown perturbation"):
         perturb(x[:1], "smudge")
+
+
+@pytest.mark.parametrize("mode", ["similar", "duplicate", "recall"])
+def test_search_many_answers_as_searches_one_at_a_time(store, digits, mode):
+    index, _ = store
+    x, _ = digits
+    queries = [x[3], copy_of(x[5]), perturb(x[7:8], "noise", seed=1)[0], x[150], x[199]]
+    many = index.search_many(queries, k=10, mode=mode)
+    for q, got in zip(queries, many):
+        alone = index.search(q, k=10, mode=mode)
+        assert [m.id for m in got] == [m.id for m in alone]
+        np.testing.assert_allclose([m.distance for m in got], [m.distance for m in alone], rtol=0, atol=1e-5)

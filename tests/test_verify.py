@@ -219,3 +219,10 @@ def test_a_store_tightens_its_duplicate_threshold_on_its_own_images(tmp_path, di
         px, frames = normalise_all(noisy(x[:20], 0.15, 4), frames=True)  # copies under paper noise
         hits = index.search_pixels(px, 3, mode="duplicate", frames=frames)
         assert np.mean([ids[i] in [h.id for h in row] for i, row in enumerate(hits)]) >= 0.8  # still found
+
+
+def test_both_axes_warped_at_once_are_the_warps_of_each_axis():
+    p = np.random.default_rng(0).uniform([0.7, 0.7, -6, -6], [1.4, 1.4, 6, 6], (9, 4)).astype(np.float32)
+    ry, rxt = verify._warps(p)
+    np.testing.assert_array_equal(ry, verify._interp(p[:, 0], p[:, 2]))
+    np.testing.assert_array_equal(rxt, verify._interp(p[:, 1], p[:, 3]).transpose(0, 2, 1))
