@@ -193,6 +193,7 @@ def calibrate_store(store, *, version: int | None = None, seed: int = 0) -> dict
 
 AUTO_CALIBRATION = 1000  # stored images from which a store calibrates its active version by itself ...
 AUTO_GROWTH = 2.0  # ... and again each time it has grown this many times since, until its pool is full
+AUTO_RETRY = 1.25  # after a failed calibration, tried again once the store has grown this many times
 
 
 def calibration_due(store) -> bool:
@@ -217,12 +218,17 @@ def auto_calibrate(store):
     in a background thread when :func:`calibration_due` — ingest goes on meanwhile, and searches
     use the rule in force until the new one is recorded. Called after every ingest. Returns the
     thread calibrating now (this one or one already running), or None. A store too small is left
-    on the version's own threshold (calibrated on its training data)."""
+    on the version's own threshold (calibrated on its training data). A failed calibration is an
+    event (``calibration_failed``, with the reason) and is tried again once the store has grown by
+    a quarter (:data:`AUTO_RETRY`) in this process."""
     import threading
 
     running = getattr(store, "calibrating", None)
     if running is not None and running.is_alive():
         return running
+    failed = getattr(store, "calibration_failed_at", None)
+    if failed is not None and store.catalog.count_images() < AUTO_RETRY * failed:
+        return None
     if not calibration_due(store):
         return None
     version = store.active_version
@@ -230,7 +236,9 @@ def auto_calibrate(store):
     def run() -> None:
         try:
             calibrate_store(store, version=version)
+            store.calibration_failed_at = None
         except Exception as e:  # noqa: BLE001 - a failed calibration leaves the rule in force; say why
+            store.calibration_failed_at = store.catalog.count_images()
             store.catalog.add_event("calibration_failed", version=version, detail={"reason": f"{type(e).__name__}: {e}"})
 
     store.calibrating = threading.Thread(target=run, name="streamsim-calibrate", daemon=True)

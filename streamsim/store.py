@@ -190,7 +190,8 @@ class Store:
         self.root = Path(root)
         self.catalog = catalog
         self.lock = threading.RLock()
-        self.calibrating: threading.Thread | None = None  # calibrate.auto_calibrate's background thread
+        self.calibrating: threading.Thread | None = None  # calibrate.auto_calibrate's background thread ...
+        self.calibration_failed_at: int | None = None  # ... and the store's size when it last failed
         self._encoders: dict[int, Any] = {}
         self._metas: dict[int, dict] = {}
         self._normalisers: dict[int, Any] = {}

@@ -142,3 +142,25 @@ def test_a_store_calibrates_itself_once_big_enough_and_again_when_it_doubles(dig
         again = index.wait_for_calibration()
         assert again["images"] == 200 and again["created"] > first["created"]
         assert [e["kind"] for e in index.catalog.events()].count("calibrated") == 2
+
+
+def test_a_failed_calibration_is_recorded_and_ingest_goes_on(digits, tmp_path, monkeypatch):
+    x, _ = digits
+    monkeypatch.setattr(calibrate, "AUTO_CALIBRATION", 50)
+
+    def broken(store, *, version=None, seed=0):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(calibrate, "calibrate_store", broken)
+    with Index.open(tmp_path / "s") as index:
+        ids = index.add_many(x[:60])
+        assert index.wait_for_calibration() is None  # the version's own rule stays in force
+        failed = [e for e in index.catalog.events() if e["kind"] == "calibration_failed"]
+        assert len(failed) == 1 and "OSError: disk full" in failed[0]["detail"]["reason"]
+        assert len(index.add_many(x[60:70])) == 10 and len(index) == len(ids) + 10
+        index.wait_for_calibration()  # 70 images: not grown by a quarter since the failure, not tried again
+        assert [e["kind"] for e in index.catalog.events()].count("calibration_failed") == 1
+        assert index.duplicate_rule() == index.meta(1)["duplicate_threshold"]
+        index.add_many(x[70:80])  # 80: tried again (and fails again)
+        index.wait_for_calibration()
+        assert [e["kind"] for e in index.catalog.events()].count("calibration_failed") == 2
