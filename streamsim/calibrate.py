@@ -201,26 +201,24 @@ def calibration_due(store) -> bool:
     holds at least :data:`AUTO_CALIBRATION` images, and the version was not calibrated on it yet —
     or was, on fewer than 1 / :data:`AUTO_GROWTH` of the images it holds now and on fewer than a
     full :data:`POOL` (beyond which a calibration measures the same thing again)."""
-    n = store.catalog.count_images()
-    if n < AUTO_CALIBRATION:
-        return False
     from .search import store_calibration
 
     own = store_calibration(store, store.active_version)
-    if own is None:
-        return True
-    had = int(own.get("images", 0))
-    return had < POOL and n >= AUTO_GROWTH * had
+    had = 0 if own is None else int(own.get("images", 0))
+    if had >= POOL:
+        return False
+    return store.catalog.count_images() >= max(AUTO_CALIBRATION, AUTO_GROWTH * had if own is not None else 0)
 
 
 def auto_calibrate(store):
     """Start calibrating the active version on the store's own images (:func:`calibrate_store`)
     in a background thread when :func:`calibration_due` — ingest goes on meanwhile, and searches
-    use the rule in force until the new one is recorded. Called after every ingest. Returns the
+    use the rule in force until the new one is recorded. Returns the
     thread calibrating now (this one or one already running), or None. A store too small is left
     on the version's own threshold (calibrated on its training data). A failed calibration is an
     event (``calibration_failed``, with the reason) and is tried again once the store has grown by
-    a quarter (:data:`AUTO_RETRY`) in this process."""
+    a quarter (:data:`AUTO_RETRY`) in this process. Called by every ingest that stored something
+    (:func:`streamsim.ingest.store_images`)."""
     import threading
 
     running = getattr(store, "calibrating", None)

@@ -179,9 +179,7 @@ class Index:
         """Store several images; returns their ids in order. Raises :class:`ImageError` on bad input
         before anything of the batch is stored."""
         loaded = [images.load(x) for x in images_]  # a uint8 [N, H, W] array iterates image by image
-        ids = [s.id for s in ingest.store_images(self._store, loaded).rows]
-        self._calibrate_when_grown()
-        return ids
+        return [s.id for s in ingest.store_images(self._store, loaded).rows]
 
     def ingest(self, items: Iterable[Any] | np.ndarray) -> list[FileOutcome]:
         """Store items of any kind :meth:`add_many` takes, each answered in order by a
@@ -204,7 +202,6 @@ class Index:
         done = ingest.store_images(self._store, [x for _, x in good])
         for j, (i, x) in enumerate(good):
             out[i] = done.outcome(j, x.path)
-        self._calibrate_when_grown()
         return out
 
     def stream(self, *, adapt: bool = True, budget: int | None = None, keep: int | None = None, **options: Any):
@@ -255,7 +252,6 @@ class Index:
                 for results, codes, errors in eng.load_encode(encoder_dir(self.root, version), files, batch=batch):
                     pending.extend(results)
                     flush(ingest.Encoded(version, codes, errors))
-            self._calibrate_when_grown()
             return IngestReport(added, dups, failed)
         if address is not None:
             raise ValueError(engines.ADDRESS_MSG)
@@ -265,7 +261,6 @@ class Index:
                 if len(pending) >= batch:
                     flush()
             flush()
-        self._calibrate_when_grown()
         return IngestReport(added, dups, failed)
 
     def ingest_files(self, files: Sequence[tuple[str, int, int]], *, decoder: Decoder | None = None,
@@ -287,16 +282,7 @@ class Index:
                 results = list(own.load([str(f[0]) for f in files]))
         else:
             results = list(decoder.load([str(f[0]) for f in files]))
-        out = ingest.ingest_results(self._store, results, stats)
-        self._calibrate_when_grown()
-        return out
-
-    def _calibrate_when_grown(self) -> None:
-        """The duplicate rule follows the store: calibrated on its own images once it holds enough,
-        and again as it grows, in the background (:func:`streamsim.calibrate.auto_calibrate`)."""
-        from .calibrate import auto_calibrate
-
-        auto_calibrate(self._store)
+        return ingest.ingest_results(self._store, results, stats)
 
     def wait_for_calibration(self, timeout: float | None = None) -> dict[str, Any] | None:
         """Wait until a calibration of the duplicate rule on this store's own images, started by

@@ -104,7 +104,11 @@ def store_images(store, loaded: Sequence[images.Loaded], journal: list[tuple[int
             store.vectors(v).add(np.asarray(new_ids, np.int64), codes[at])
             store.catch_up(v)  # only ids stored elsewhere meanwhile are encoded here
             store.autosave()
-        return Stored(rows, v, [float(z) for z in scores])
+    if new_ids:  # the duplicate rule follows the store (in the background, once it is big enough)
+        from .calibrate import auto_calibrate
+
+        auto_calibrate(store)
+    return Stored(rows, v, [float(z) for z in scores])
 
 
 def ingest_results(store, results: Sequence[tuple[str, Any]], seen: dict[str, tuple[int, int]] | None,

@@ -48,7 +48,6 @@ MAX_TURN = 0.15  # ... the largest tried (8.6°) ...
 MIN_TURN = 0.01  # ... and the smallest worth trying
 TURN_SMOOTH = 1.2  # Gaussian σ (px), on top of SMOOTH, of the images a turn is estimated on
 ROTATE_ORDER = 3  # a turned candidate is resampled by cubic splines: linear interpolation blurs fine strokes
-TURN_ROUNDS = 1  # rotations tried, each from the last one's fit
 TURN_NOISE = 0.1  # queries with paper noise of this σ or more are not tried turned
 SMOOTH = 0.7  # Gaussian σ (px) of the images the fit is made on
 # prior standard deviations of (scale_y, scale_x, shift_y, shift_x) around (1, 1, 0, 0), and the
@@ -215,20 +214,14 @@ def _turned(q: np.ndarray, c: np.ndarray, allow: np.ndarray) -> tuple[np.ndarray
     turn's prior penalty — for the pairs in ``allow``. Returns ``(penalty [N], warped candidates)``."""
     p, w, turn = _register(q, c)
     penalty = ((p - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1)
-    total = np.zeros(len(c), np.float32)  # the turn each candidate is tried at
-    for _ in range(TURN_ROUNDS):
-        redo = np.flatnonzero((np.abs(turn) >= MIN_TURN) & allow)
-        if not len(redo):
-            break
-        t = np.clip(total[redo] + turn[redo], -MAX_TURN, MAX_TURN)
-        p2, w2, turn2 = _register(q[redo], _rotate(c[redo], t), p[redo])
+    redo = np.flatnonzero((np.abs(turn) >= MIN_TURN) & allow)
+    if len(redo):
+        t = np.clip(turn[redo], -MAX_TURN, MAX_TURN)
+        p2, w2, _ = _register(q[redo], _rotate(c[redo], t), p[redo])
         pen2 = ((p2 - _IDENTITY) ** 2 * _LAMBDA).sum(axis=1) + PRIOR_NOISE * (t / TURN_SD) ** 2
         old = ((q[redo] - w[redo]) ** 2).sum(axis=(1, 2)) + penalty[redo]
         better = ((q[redo] - w2) ** 2).sum(axis=(1, 2)) + pen2 < old
-        keep = redo[better]
-        w[keep], penalty[keep], p[keep], total[keep] = w2[better], pen2[better], p2[better], t[better]
-        turn = np.zeros(len(c), np.float32)
-        turn[keep] = turn2[better]
+        w[redo[better]], penalty[redo[better]] = w2[better], pen2[better]
     return penalty, w
 
 
